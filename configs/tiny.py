@@ -1,0 +1,28 @@
+"""The default tiny text-to-video model: pixel-space DiT on the procedural world, sized for a CPU.
+
+Run (trains, then samples held-out prompts into WORKDIR/samples):
+  python -m sora_jax.train --config=configs/tiny.py --workdir=workdirs/tiny
+
+Variants: `--config=configs/tiny.py:smoke` is a seconds-long run for tests.
+"""
+from configs.common import base_config
+
+
+def get_config(arg: str | None = None):
+    """arg: None for the default run, "smoke" for a few-step test configuration."""
+    c = base_config()
+    c.total_steps = 300
+    c.checkpoint_every_steps = 100
+    if arg == "smoke":
+        c.total_steps = 4
+        c.checkpoint_every_steps = 2
+        c.log_every_steps = 2
+        c.eval_batches = 1
+        c.model.update(hidden=32, depth=2, heads=2)
+        c.text.update(width=32, depth=1, heads=2)
+        c.data.update(sides=[16, 24, 32], frames=[1, 2, 3, 4], seq_len=128, text_len=64, packing_bins=4,
+                      max_samples_per_row=8)
+        c.sample.update(steps=2, width=16, height=16, frames=2, num_prompts=2)
+    elif arg:
+        raise ValueError(f"configs/tiny.py: unknown variant {arg!r}; use no argument or 'smoke'.")
+    return c

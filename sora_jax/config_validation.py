@@ -1,0 +1,82 @@
+"""One `validate(config)` before anything compiles: each error names the field and the fix."""
+from __future__ import annotations
+
+import math
+
+from sora_jax.layers.attention import ATTENTION_BACKENDS
+from sora_jax.layers.common import DTYPES
+from sora_jax.layers.rope import split_pairs
+from sora_jax.models.autoencoder import AUTOENCODERS, build_autoencoder
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which field and what to do."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_video_size(config, width: int, height: int, frames: int, what: str = "") -> tuple[int, int, int]:
+    """Token grid for a pixel video size, or a ConfigError naming the dimension that does not divide."""
+    ae = build_autoencoder(config.autoencoder)
+    _require(min(width, height, frames) > 0,
+             f"{what}width, height and frames must be positive; got {width}x{height}, {frames} frames.")
+    grid = []
+    for name, size, stride, patch in zip(("frames", "height", "width"), (frames, height, width),
+                                         ae.stride, config.model.patch):
+        unit = stride * patch
+        # Causal VAEs take 1 + stride * k frames; the identity autoencoder has stride 1.
+        _require(size % unit == 0,
+                 f"{what}{name}={size} is not divisible by {unit} (autoencoder stride {stride} x patch "
+                 f"{patch}); use a multiple of {unit}, e.g. {max(unit, size // unit * unit)}.")
+        grid.append(size // unit)
+    return tuple(grid)
+
+
+def validate(config) -> None:
+    """Checks a training config; raises ConfigError before any compile."""
+    for field in ("total_steps", "checkpoint_every_steps", "log_every_steps", "eval_every_steps", "eval_batches"):
+        _require(int(config[field]) >= 0, f"config.{field}={config[field]} is negative; it must be >= 0.")
+    _require(config.checkpoint_every_steps > 0, "config.checkpoint_every_steps must be > 0.")
+    _require(config.log_every_steps > 0, "config.log_every_steps must be > 0.")
+    _require(config.keep_checkpoints > 0, "config.keep_checkpoints must be > 0.")
+
+    m = config.model
+    _require(m.hidden % m.heads == 0, f"config.model.hidden={m.hidden} is not divisible by config.model.heads={m.heads}.")
+    try:
+        split_pairs(m.hidden // m.heads)
+    except ValueError as e:
+        raise ConfigError(f"config.model: {e}") from None
+    _require(m.attention in ATTENTION_BACKENDS,
+             f"config.model.attention={m.attention!r}; choose one of {sorted(ATTENTION_BACKENDS)}.")
+    _require(m.dtype in DTYPES, f"config.model.dtype={m.dtype!r}; choose one of {sorted(DTYPES)}.")
+    _require(len(m.patch) == 3 and min(m.patch) > 0, f"config.model.patch={m.patch} must be 3 positive ints (t, h, w).")
+    _require(config.autoencoder.name in AUTOENCODERS,
+             f"config.autoencoder.name={config.autoencoder.name!r}; choose one of {sorted(AUTOENCODERS)}.")
+    _require(config.text.width % config.text.heads == 0,
+             f"config.text.width={config.text.width} is not divisible by config.text.heads={config.text.heads}.")
+
+    d = config.data
+    for side in d.sides:
+        check_video_size(config, side, side, 1, what="config.data.sides: ")
+    for frames in d.frames:
+        check_video_size(config, min(d.sides), min(d.sides), frames, what="config.data.frames: ")
+    biggest = math.prod(check_video_size(config, max(d.sides), max(d.sides), max(d.frames)))
+    _require(biggest <= d.seq_len,
+             f"config.data.seq_len={d.seq_len} cannot hold the largest sample ({biggest} tokens); raise "
+             f"seq_len or lower config.data.sides / config.data.frames.")
+    _require(d.text_len >= config.text.max_len,
+             f"config.data.text_len={d.text_len} is below config.text.max_len={config.text.max_len}.")
+    _require(d.global_batch_rows > 0, "config.data.global_batch_rows must be > 0.")
+    _require(d.max_samples_per_row > 0, "config.data.max_samples_per_row must be > 0.")
+
+    for name in ("lr", "warmup_steps", "grad_clip"):
+        _require(config.optim[name] >= 0, f"config.optim.{name}={config.optim[name]} must be >= 0.")
+    _require(0.0 <= config.ema_decay < 1.0, f"config.ema_decay={config.ema_decay} must be in [0, 1).")
+    _require(0.0 <= config.flow.caption_dropout < 1.0,
+             f"config.flow.caption_dropout={config.flow.caption_dropout} must be in [0, 1).")
+    s = config.sample
+    _require(s.steps > 0, f"config.sample.steps={s.steps} must be > 0.")
+    check_video_size(config, s.width, s.height, s.frames, what="config.sample: ")

@@ -1,0 +1,69 @@
+"""Small building blocks whose parameters carry logical axis names."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Parameters are annotated, never placed: the train state is created under jit with out_shardings.
+nnx.use_eager_sharding(False)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dense(din: int, dout: int, axes: tuple[str | None, str | None], *, rngs: nnx.Rngs,
+          use_bias: bool = True, zero_init: bool = False, dtype=jnp.float32,
+          param_dtype=jnp.float32) -> nnx.Linear:
+    """An nnx.Linear whose kernel is annotated `axes` (and bias the output axis)."""
+    kinit = nnx.initializers.zeros if zero_init else nnx.initializers.xavier_uniform()
+    return nnx.Linear(
+        din, dout, use_bias=use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=nnx.with_partitioning(kinit, axes),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros, (axes[1],)))
+
+
+def norm(dim: int, *, rngs: nnx.Rngs, affine: bool = True, eps: float = 1e-6, kind: str = "layer",
+         axis: str = "embed") -> nnx.Module:
+    """LayerNorm or RMSNorm over the last axis; `affine=False` for adaLN, where modulation scales."""
+    if kind == "rms":
+        return nnx.RMSNorm(dim, epsilon=eps, use_scale=affine, rngs=rngs,
+                           scale_init=nnx.with_partitioning(nnx.initializers.ones, (axis,)))
+    return nnx.LayerNorm(dim, epsilon=eps, use_scale=affine, use_bias=affine, rngs=rngs,
+                         scale_init=nnx.with_partitioning(nnx.initializers.ones, (axis,)),
+                         bias_init=nnx.with_partitioning(nnx.initializers.zeros, (axis,)))
+
+
+class MLP(nnx.Module):
+    """GELU(tanh) feed-forward: embed -> mlp -> embed."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.fc1 = dense(dim, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.fc2 = dense(hidden, dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding of (continuous) timesteps, [..., dim]; t is scaled to [0, 1000]."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = (t.astype(jnp.float32) * 1000.0)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def gather_segments(per_sample: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """Per-token values from per-sample ones: [B, S, ...] indexed by segment id (1-based) -> [B, L, ...].
+
+    Padding tokens (segment 0) receive sample 0's value; every consumer masks them out.
+    """
+    idx = jnp.clip(segment_ids - 1, 0, per_sample.shape[1] - 1)
+    idx = idx.reshape(idx.shape + (1,) * (per_sample.ndim - 2))
+    return jnp.take_along_axis(per_sample, idx, axis=1)
+
+
+def shape_str(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"

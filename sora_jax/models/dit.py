@@ -1,0 +1,112 @@
+"""Diffusion transformer over packed spacetime tokens.
+
+Inputs are NaViT-packed: each row of the batch holds several samples, told apart by segment ids.
+- self-attention is restricted to the token's own sample (segment mask) with 3D RoPE from its
+  per-sample (t, h, w) position;
+- cross-attention reaches only the caption tokens of the token's own sample;
+- timestep conditioning is per sample, broadcast to that sample's tokens, through adaLN-Zero. The
+  timestep MLP runs once per sample (not per token or per block): each block adds its own learned
+  offset table to the shared modulation, as PixArt-alpha's adaLN-single does. Gates start at zero, so
+  every block starts as the identity.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sora_jax import sharding
+from sora_jax.layers.attention import Attention, segment_mask
+from sora_jax.layers.common import DTYPES, MLP, dense, gather_segments, norm, timestep_embedding
+from sora_jax.layers.rope import rope_angles
+from sora_jax.models.text import build_text_encoder
+
+
+class PackedInputs(NamedTuple):
+    """One packed batch as the model sees it.
+
+    tokens [B, L, D_patch] noisy latent patches; positions [B, L, 3]; segments [B, L] (0 = padding);
+    t [B, S] per-sample timestep in [0, 1] (sample k has segment id k + 1); text [B, Lt] ids;
+    text_segments [B, Lt]; text_positions [B, Lt]; drop_text [B, S] True where the caption is replaced
+    by the learned null embedding (classifier-free guidance).
+    """
+    tokens: jax.Array
+    positions: jax.Array
+    segments: jax.Array
+    t: jax.Array
+    text: jax.Array
+    text_segments: jax.Array
+    text_positions: jax.Array
+    drop_text: jax.Array
+
+
+def modulate(x, shift, scale):
+    return x * (1.0 + scale) + shift
+
+
+class DiTBlock(nnx.Module):
+    """Self-attention, cross-attention and MLP with adaLN-Zero modulation."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, *, rngs: nnx.Rngs, backend: str, dtype):
+        self.norm1 = norm(dim, rngs=rngs, affine=False)
+        self.attn = Attention(dim, heads, rngs=rngs, backend=backend, dtype=dtype)
+        self.norm_cross = norm(dim, rngs=rngs)
+        self.cross = Attention(dim, heads, rngs=rngs, backend=backend, dtype=dtype)
+        self.norm2 = norm(dim, rngs=rngs, affine=False)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype)
+        self.table = nnx.Param(jnp.zeros((6, dim)), sharding=(None, "embed"))
+
+    def __call__(self, x, mod, rope, self_mask, cross_mask, context):
+        mod = mod + self.table[...].reshape(-1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), self_mask, rope=rope)
+        x = x + self.cross(self.norm_cross(x), cross_mask, context=context)
+        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return sharding.constrain(x, ("batch", "length", "act_embed"))
+
+
+class DiT(nnx.Module):
+    """The video diffusion transformer; predicts the flow velocity for every token."""
+
+    def __init__(self, model_cfg, text_cfg, patch_dim: int, vocab_size: int, *, rngs: nnx.Rngs):
+        dim, dtype = model_cfg.hidden, DTYPES[model_cfg.dtype]
+        backend = model_cfg.attention
+        self.hidden, self.heads, self.rope_theta = dim, model_cfg.heads, model_cfg.rope_theta
+        self.patch_embed = dense(patch_dim, dim, ("patch", "embed"), rngs=rngs, dtype=dtype)
+        self.text_encoder = build_text_encoder(text_cfg, vocab_size, rngs=rngs, backend=backend)
+        self.text_proj = dense(self.text_encoder.out_dim, dim, (None, "embed"), rngs=rngs, dtype=dtype)
+        self.null_text = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (dim,)), sharding=("embed",))
+        self.t_mlp1 = dense(256, dim, (None, "embed"), rngs=rngs)
+        self.t_mlp2 = dense(dim, dim, ("embed", None), rngs=rngs)
+        self.t_mod = dense(dim, 6 * dim, ("embed", "mlp"), rngs=rngs, zero_init=True)
+        self.blocks = nnx.List([
+            DiTBlock(dim, model_cfg.heads, model_cfg.mlp_ratio, rngs=rngs, backend=backend, dtype=dtype)
+            for _ in range(model_cfg.depth)])
+        self.final_norm = norm(dim, rngs=rngs, affine=False)
+        self.final_mod = dense(dim, 2 * dim, ("embed", "mlp"), rngs=rngs, zero_init=True)
+        self.final = dense(dim, patch_dim, ("embed", "patch"), rngs=rngs, zero_init=True, dtype=dtype)
+
+    def encode_text(self, inputs: PackedInputs) -> jax.Array:
+        """Caption embeddings [B, Lt, hidden], with dropped captions replaced by the null embedding."""
+        ctx = self.text_proj(self.text_encoder(inputs.text, inputs.text_segments, inputs.text_positions))
+        dropped = gather_segments(inputs.drop_text, inputs.text_segments)
+        return jnp.where(dropped[..., None], self.null_text[...], ctx)
+
+    def __call__(self, inputs: PackedInputs) -> jax.Array:
+        x = self.patch_embed(inputs.tokens)
+        x = sharding.constrain(x, ("batch", "length", "act_embed"))
+        context = self.encode_text(inputs)
+
+        temb = self.t_mlp2(jax.nn.silu(self.t_mlp1(timestep_embedding(inputs.t, 256))))  # [B, S, D]
+        mod = gather_segments(self.t_mod(jax.nn.silu(temb)), inputs.segments)  # [B, L, 6D]
+        final_mod = gather_segments(self.final_mod(jax.nn.silu(temb)), inputs.segments)
+
+        rope = rope_angles(inputs.positions, self.hidden // self.heads, self.rope_theta)
+        self_mask = segment_mask(inputs.segments, inputs.segments)
+        cross_mask = segment_mask(inputs.segments, inputs.text_segments)
+        for block in self.blocks:
+            x = block(x, mod, rope, self_mask, cross_mask, context)
+        shift, scale = jnp.split(final_mod, 2, axis=-1)
+        return self.final(modulate(self.final_norm(x), shift, scale)).astype(jnp.float32)

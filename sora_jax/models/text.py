@@ -1,0 +1,103 @@
+"""Text side: tokenizers and text encoders, behind small interfaces.
+
+A text encoder maps (token ids, segment ids, positions) [B, Lt] to embeddings [B, Lt, out_dim]. The
+tiny trainable encoder here serves the procedural captions; pretrained encoders (T5/umT5) plug into the
+same registry and may instead be run offline, feeding cached embeddings.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sora_jax.layers.attention import Attention, segment_mask
+from sora_jax.layers.common import MLP, norm
+
+PAD, UNK, BOS = 0, 1, 2
+_SPECIALS = ("<pad>", "<unk>", "<bos>")
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str, max_len: int) -> np.ndarray: ...
+
+
+class WordTokenizer:
+    """Lower-cased word-level tokenizer over a fixed vocabulary; a <bos> token starts every caption.
+
+    The leading <bos> means no caption is ever empty, so cross-attention always has a key.
+    """
+
+    def __init__(self, vocabulary: Sequence[str]):
+        self.words = list(_SPECIALS) + [w for w in vocabulary if w not in _SPECIALS]
+        self.index = {w: i for i, w in enumerate(self.words)}
+        self.vocab_size = len(self.words)
+
+    def unknown_words(self, text: str) -> list[str]:
+        return [w for w in re.findall(r"[a-z0-9']+", text.lower()) if w not in self.index]
+
+    def encode(self, text: str, max_len: int) -> np.ndarray:
+        """Token ids (<= max_len, truncated at the end), int32."""
+        ids = [BOS] + [self.index.get(w, UNK) for w in re.findall(r"[a-z0-9']+", text.lower())]
+        if len(ids) > max_len:
+            logging.warning("caption %r has %d tokens; truncated to %d.", text, len(ids), max_len)
+        return np.asarray(ids[:max_len], np.int32)
+
+
+TOKENIZERS = {"words": WordTokenizer}
+
+
+def build_tokenizer(text_cfg) -> Tokenizer:
+    """The tokenizer named by config.text.tokenizer, over config.text.vocabulary."""
+    if text_cfg.tokenizer not in TOKENIZERS:
+        raise ValueError(f"config.text.tokenizer={text_cfg.tokenizer!r}; choose one of {sorted(TOKENIZERS)}.")
+    return TOKENIZERS[text_cfg.tokenizer](list(text_cfg.vocabulary))
+
+
+class _EncoderLayer(nnx.Module):
+    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, backend: str):
+        self.norm1 = norm(dim, rngs=rngs)
+        self.attn = Attention(dim, heads, rngs=rngs, backend=backend)
+        self.norm2 = norm(dim, rngs=rngs)
+        self.mlp = MLP(dim, 4 * dim, rngs=rngs)
+
+    def __call__(self, x, mask):
+        x = x + self.attn(self.norm1(x), mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyTextEncoder(nnx.Module):
+    """A small trainable transformer encoder with learned absolute positions (per caption)."""
+
+    def __init__(self, vocab_size: int, dim: int, depth: int, heads: int, max_len: int, *,
+                 rngs: nnx.Rngs, backend: str = "xla"):
+        self.out_dim, self.max_len = dim, max_len
+        self.embed = nnx.Embed(vocab_size, dim, rngs=rngs, embedding_init=nnx.with_partitioning(
+            nnx.initializers.normal(0.02), ("vocab", "embed")))
+        self.pos = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (max_len, dim)), sharding=(None, "embed"))
+        self.layers = nnx.List([_EncoderLayer(dim, heads, rngs=rngs, backend=backend) for _ in range(depth)])
+        self.final_norm = norm(dim, rngs=rngs)
+
+    def __call__(self, ids: jax.Array, segments: jax.Array, positions: jax.Array) -> jax.Array:
+        x = self.embed(ids) + jnp.take(self.pos[...], jnp.clip(positions, 0, self.max_len - 1), axis=0)
+        mask = segment_mask(segments, segments)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.final_norm(x)
+
+
+TEXT_ENCODERS = {"tiny": TinyTextEncoder}
+
+
+def build_text_encoder(text_cfg, vocab_size: int, *, rngs: nnx.Rngs, backend: str) -> nnx.Module:
+    """The encoder named by config.text.encoder."""
+    if text_cfg.encoder not in TEXT_ENCODERS:
+        raise ValueError(f"config.text.encoder={text_cfg.encoder!r}; choose one of {sorted(TEXT_ENCODERS)}.")
+    return TEXT_ENCODERS[text_cfg.encoder](
+        vocab_size, text_cfg.width, text_cfg.depth, text_cfg.heads, text_cfg.max_len, rngs=rngs, backend=backend)

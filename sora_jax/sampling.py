@@ -1,0 +1,125 @@
+"""Text-to-video sampling from a trained model (the library behind `python -m sora_jax.sample`).
+
+  python -m sora_jax.sample --workdir=DIR --prompt="a small red circle bouncing to the left" \
+      --width=48 --height=32 --frames=8 --out=DIR [--steps=30 --guidance=3 --seed=0]
+
+Writes one MP4 and one GIF per prompt (a PNG when --frames=1) plus a JSON of the request into --out.
+Requests are checked before anything is compiled.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from sora_jax import patching
+from sora_jax.config_validation import ConfigError, check_video_size
+from sora_jax.diffusion.flow import token_shift
+from sora_jax.diffusion.samplers import euler_sample, guided_velocity, timesteps
+from sora_jax.models import build_model
+from sora_jax.models.autoencoder import build_autoencoder
+from sora_jax.models.dit import PackedInputs
+from sora_jax.models.text import build_tokenizer
+from sora_jax.train import checkpointing
+from sora_jax.video_io import slug, to_uint8, write_media
+
+
+def check_request(config, prompts, width: int, height: int, frames: int, steps: int) -> tuple[int, int, int]:
+    """Validates a sampling request before anything is restored or compiled; returns the token grid."""
+    if not prompts or not all(p.strip() for p in prompts):
+        raise ConfigError("no prompt given: pass at least one non-empty --prompt=\"...\".")
+    if steps <= 0:
+        raise ConfigError(f"--steps={steps} must be a positive number of sampling steps.")
+    tokenizer = build_tokenizer(config.text)
+    for p in prompts:
+        unknown = getattr(tokenizer, "unknown_words", lambda _: [])(p)
+        if unknown:
+            logging.warning("prompt %r has words the text encoder never saw: %s", p, unknown)
+    return check_video_size(config, width, height, frames, what="--")
+
+
+class Sampler:
+    """A trained model ready to generate: graphdef + (EMA) params + tokenizer + autoencoder."""
+
+    def __init__(self, config, graphdef, params):
+        self.config, self.graphdef, self.params = config, graphdef, params
+        self.tokenizer = build_tokenizer(config.text)
+        self.autoencoder = build_autoencoder(config.autoencoder)
+        self.patch = tuple(config.model.patch)
+        self._step = jax.jit(self._euler_step, static_argnames=("guidance",))
+
+    @classmethod
+    def from_workdir(cls, workdir: str, use_ema: bool = True) -> "Sampler":
+        """Restores the latest checkpoint's EMA (or raw) params of a training work dir."""
+        config = checkpointing.read_config(workdir)
+        ckpt = checkpointing.Checkpointer(workdir, read_only=True)
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{workdir} has no checkpoint; train first (python -m sora_jax.train).")
+        abstract_model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
+        graphdef, abstract = nnx.split(abstract_model, nnx.Param)
+        params = ckpt.restore_params(step, nnx.to_pure_dict(abstract), "ema" if use_ema else "params")
+        ckpt.close()
+        sampler = cls(config, graphdef, params)
+        sampler.checkpoint_step = step
+        return sampler
+
+    def _euler_step(self, params, inputs: PackedInputs, x, t, dt, guidance: float):
+        model = nnx.merge(self.graphdef, params)
+
+        def velocity(x, t, drop):
+            return model(inputs._replace(tokens=x, t=jnp.full_like(inputs.t, t),
+                                         drop_text=jnp.full_like(inputs.drop_text, drop)))
+        return x + dt * guided_velocity(velocity, x, t, guidance)
+
+    def generate(self, prompts, width: int, height: int, frames: int, steps: int = 30,
+                 guidance: float = 3.0, seed: int = 0, progress: bool = True) -> np.ndarray:
+        """Generates uint8 videos [P, frames, height, width, 3], one per prompt."""
+        grid = check_request(self.config, prompts, width, height, frames, steps)
+        n, p = int(np.prod(grid)), len(prompts)
+        dim = int(np.prod(self.patch)) * self.autoencoder.channels
+        max_len = self.config.text.max_len
+        text = np.zeros((p, max_len), np.int32)
+        text_seg = np.zeros((p, max_len), np.int32)
+        for i, prompt in enumerate(prompts):
+            ids = self.tokenizer.encode(prompt, max_len)
+            text[i, :len(ids)], text_seg[i, :len(ids)] = ids, 1
+        inputs = PackedInputs(
+            tokens=None, positions=jnp.asarray(np.broadcast_to(patching.positions(grid), (p, n, 3))),
+            segments=jnp.ones((p, n), jnp.int32), t=jnp.ones((p, 1), jnp.float32),
+            text=jnp.asarray(text), text_segments=jnp.asarray(text_seg),
+            text_positions=jnp.asarray(np.broadcast_to(np.arange(max_len, dtype=np.int32), (p, max_len))),
+            drop_text=jnp.zeros((p, 1), bool))
+        shift = float(token_shift(jnp.float32(n), self.config.flow.shift_base_tokens, self.config.flow.max_shift))
+        x = jax.random.normal(jax.random.key(seed), (p, n, dim), jnp.float32)
+
+        def step_fn(x, t, dt):
+            return self._step(self.params, inputs, x, t, dt, guidance=float(guidance))
+
+        with tqdm(total=steps, desc="sampling", disable=not progress, file=sys.stderr) as bar:
+            x = euler_sample(step_fn, x, timesteps(steps, shift), bar)
+        latents = jnp.stack([patching.unpatchify(x[i], grid, self.patch, self.autoencoder.channels)
+                             for i in range(p)])
+        return to_uint8(np.asarray(self.autoencoder.decode(latents)))
+
+
+def sample_to_dir(sampler: Sampler, prompts, out: str, width: int, height: int, frames: int, steps: int,
+                  guidance: float, seed: int, fps: int) -> tuple[np.ndarray, list[str]]:
+    """Generates and writes media + a JSON record per prompt; returns (videos, paths)."""
+    videos = sampler.generate(prompts, width, height, frames, steps, guidance, seed)
+    paths = []
+    for i, (prompt, video) in enumerate(zip(prompts, videos)):
+        name = f"{i:03d}_{slug(prompt)}"
+        paths += write_media(out, name, video, fps)
+        record = dict(prompt=prompt, width=width, height=height, frames=frames, fps=fps, steps=steps,
+                      guidance=guidance, seed=seed, checkpoint_step=getattr(sampler, "checkpoint_step", None))
+        with open(os.path.join(out, name + ".json"), "w") as f:
+            json.dump(record, f, indent=2)
+    return videos, paths

@@ -1,0 +1,104 @@
+"""orbax checkpoints of {step, params, opt_state, ema} together with the grain iterator state.
+
+Before a restore, the checkpoint's recorded shapes are compared with the config's model; a mismatch is
+an error that names the tensor and both shapes, raised before anything compiles, and the checkpoint is
+left untouched. The config of a run is stored beside its checkpoints (config.json) for sampling and
+evaluation jobs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+    """The work dir holds a checkpoint of a differently shaped model."""
+
+
+class Checkpointer:
+    """Async CheckpointManager over WORKDIR/checkpoints with items "state" and "data"."""
+
+    def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+                                               enable_async_checkpointing=not read_only)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator=None) -> None:
+        """Starts an async save; the previous one is awaited by orbax first."""
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items))
+
+    def check_compatible(self, step: int, abstract_state: Any, workdir: str) -> None:
+        """Raises CheckpointMismatchError if any tensor's shape differs from the config's model."""
+        stored = self.manager.item_metadata(step)["state"]
+        stored_shapes = {jax.tree_util.keystr(p): tuple(getattr(m, "shape", ()))
+                         for p, m in jax.tree_util.tree_leaves_with_path(stored)}
+        for path, want in jax.tree_util.tree_leaves_with_path(abstract_state):
+            name = jax.tree_util.keystr(path)
+            if name not in stored_shapes:
+                raise CheckpointMismatchError(
+                    f"{workdir} holds a checkpoint (step {step}) of a different model: tensor {name} is missing "
+                    f"from it. Use a fresh --workdir, or the config that wrote it (config.json there).")
+            if stored_shapes[name] != tuple(want.shape):
+                raise CheckpointMismatchError(
+                    f"{workdir} holds a checkpoint (step {step}) of a differently shaped model: tensor {name} "
+                    f"has shape {stored_shapes[name]} in the checkpoint but {tuple(want.shape)} in the config. "
+                    f"Use a fresh --workdir, or the config that wrote it (config.json there).")
+        extra = set(stored_shapes) - {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract_state)}
+        if extra:
+            raise CheckpointMismatchError(
+                f"{workdir} holds a checkpoint (step {step}) of a different model: it has tensors the config "
+                f"lacks, e.g. {sorted(extra)[0]}. Use a fresh --workdir or the config that wrote it.")
+
+    def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
+        """Restores into the abstract state's shardings (and the iterator in place)."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def restore_params(self, step: int, abstract_params: Any, which: str = "ema") -> Any:
+        """Restores only `params` or `ema` (sampling and evaluation jobs need nothing else)."""
+        target = {which: abstract_params}
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                         restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
+        return restored["state"][which]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def write_config(workdir: str, config) -> None:
+    """Stores the run's config as JSON (sampling and evaluation jobs rebuild the model from it)."""
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+
+def read_config(workdir: str):
+    """The config a training run stored in its work dir."""
+    import ml_collections
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: --workdir must be a directory written by sora_jax.train.")
+    with open(path) as f:
+        raw = json.load(f)
+    config = ml_collections.ConfigDict(raw)
+    config.model.patch = tuple(config.model.patch)
+    return config

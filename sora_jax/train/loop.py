@@ -1,0 +1,132 @@
+"""train_and_evaluate(config, workdir): the whole training job, importable and testable."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+
+from data_pipelines import pipeline
+from sora_jax import sharding
+from sora_jax.config_validation import validate
+from sora_jax.train import checkpointing
+from sora_jax.train.state import count_params, init_state, state_spec
+from sora_jax.train.step import make_eval_step, make_train_step
+
+
+def _history_path(workdir: str) -> str:
+    return os.path.join(workdir, "eval_history.json")
+
+
+def _append_history(workdir: str, record: dict) -> list[dict]:
+    path = _history_path(workdir)
+    history = json.load(open(path)) if os.path.exists(path) else []
+    history = [h for h in history if h["step"] != record["step"]] + [record]
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(history, f, indent=2)
+    return history
+
+
+def evaluate(eval_fn, state: dict, batches: list[dict], mesh) -> dict:
+    """Validation flow loss of params and EMA params on the fixed held-out batches."""
+    out = {}
+    for which in ("params", "ema"):
+        losses = [float(eval_fn(state[which], sharding.host_to_global(b, mesh), np.int32(i)))
+                  for i, b in enumerate(batches)]
+        out[f"val_loss_{which}"] = float(np.mean(losses))
+    return out
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains (resuming from WORKDIR if it holds a checkpoint) and returns the final summary.
+
+    Order matters for bad input: the config is validated and an existing checkpoint is checked against
+    the model before anything is compiled or written.
+    """
+    validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+    latest = ckpt.latest_step()
+    mesh = sharding.make_mesh(config.mesh)
+    with sharding.use_mesh(mesh):
+        spec = state_spec(config, mesh)
+        if latest is not None:
+            ckpt.check_compatible(latest, spec.abstract, workdir)
+            if latest >= config.total_steps:
+                logging.info("%s: checkpoint is already at step %d >= total_steps=%d; nothing to train.",
+                             workdir, latest, config.total_steps)
+                print(f"Checkpoint in {workdir} is already at step {latest} (total_steps={config.total_steps}); "
+                      "nothing to train.")
+                ckpt.close()
+                return {"step": latest, "trained": False}
+        checkpointing.write_config(workdir, config)
+        return _run(config, workdir, ckpt, spec, latest, mesh)
+
+
+def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
+    from clu import metric_writers  # imports TensorFlow: only the training job pays for it
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    data_iter = iter(pipeline.packed_dataset(config, "train", jax.process_index(), jax.process_count()))
+    if latest is None:
+        state = init_state(config, spec)
+    else:
+        state = ckpt.restore(latest, spec.abstract, data_iter)
+        logging.info("Resumed from step %d.", latest)
+    start = int(state["step"])
+    logging.info("Parameters: %d on mesh %s", count_params(state["params"]), dict(mesh.shape))
+
+    first = next(data_iter)
+    train_step = make_train_step(config, spec, first).lower(state, sharding.host_to_global(first, mesh)).compile()
+    mem = train_step.memory_analysis()
+    if mem is not None:
+        logging.info("train_step memory: temp %.1f MiB, arguments %.1f MiB",
+                     mem.temp_size_in_bytes / 2**20, mem.argument_size_in_bytes / 2**20)
+    eval_batches = pipeline.eval_batches(config, config.eval_batches)
+    eval_fn = make_eval_step(config, spec, eval_batches[0])
+
+    history = []
+    if start == 0:
+        history = _append_history(workdir, {"step": 0, **evaluate(eval_fn, state, eval_batches, mesh)})
+        writer.write_scalars(0, history[-1])
+
+    batch, window, t_last = first, [], time.perf_counter()
+    for step in range(start, config.total_steps):
+        if step > start:
+            batch = next(data_iter)
+        state, metrics = train_step(state, sharding.host_to_global(batch, mesh))
+        window.append((metrics, pipeline.padding_fraction(batch)))
+        done = step + 1
+        if done % config.log_every_steps == 0 or done == config.total_steps:
+            got = jax.device_get([m for m, _ in window])
+            elapsed = time.perf_counter() - t_last
+            scalars = {
+                "loss": float(np.mean([m["loss"] for m in got])),
+                "grad_norm": float(np.mean([m["grad_norm"] for m in got])),
+                "steps_per_sec": len(window) / elapsed,
+                "tokens_per_sec": float(sum(m["real_tokens"] for m in got)) / elapsed,
+                "padding_fraction": float(np.mean([p for _, p in window])),
+            }
+            writer.write_scalars(done, scalars)
+            window, t_last = [], time.perf_counter()
+        if config.eval_every_steps and done % config.eval_every_steps == 0 and done != config.total_steps:
+            history = _append_history(workdir, {"step": done, **evaluate(eval_fn, state, eval_batches, mesh)})
+            writer.write_scalars(done, history[-1])
+        if done % config.checkpoint_every_steps == 0 or done == config.total_steps:
+            # The iterator already yielded this step's batch, so its state is where the next step begins.
+            ckpt.save(done, state, data_iter)
+
+    summary = {"step": int(state["step"]), "trained": True}
+    if int(state["step"]) > start or start == 0:
+        final = evaluate(eval_fn, state, eval_batches, mesh)
+        history = _append_history(workdir, {"step": int(state["step"]), **final})
+        writer.write_scalars(int(state["step"]), final)
+        summary.update(final)
+        summary["val_loss_initial"] = json.load(open(_history_path(workdir)))[0].get("val_loss_ema")
+    ckpt.close()
+    writer.flush()
+    return summary

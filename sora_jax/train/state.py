@@ -1,0 +1,89 @@
+"""The train state and its shardings, created sharded from the start.
+
+The state is a plain pytree {step, params, opt_state, ema} whose params are pure dicts of arrays; the
+model's structure (graphdef) is kept separately and merged with params inside jitted functions. The
+abstract state (shapes + shardings) is computed without allocating anything, so a restore lands
+directly in its sharded layout and no host ever holds the whole model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sora_jax import sharding
+from sora_jax.models import build_model
+
+
+def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with linear warmup, then constant or cosine decay, after global-norm clipping."""
+    warmup = max(int(optim_cfg.warmup_steps), 1)
+    if optim_cfg.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, optim_cfg.lr, warmup, max(total_steps, warmup + 1))
+    elif optim_cfg.schedule == "constant":
+        lr = optax.join_schedules([optax.linear_schedule(0.0, optim_cfg.lr, warmup),
+                                   optax.constant_schedule(optim_cfg.lr)], [warmup])
+    else:
+        raise ValueError(f"config.optim.schedule={optim_cfg.schedule!r}; choose 'constant' or 'cosine'.")
+    return optax.chain(
+        optax.clip_by_global_norm(optim_cfg.grad_clip) if optim_cfg.grad_clip > 0 else optax.identity(),
+        optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, weight_decay=optim_cfg.weight_decay))
+
+
+@dataclasses.dataclass
+class StateSpec:
+    """Everything known about the train state before it exists."""
+    graphdef: Any
+    abstract: Any  # ShapeDtypeStructs carrying their shardings
+    shardings: Any
+    tx: optax.GradientTransformation
+    mesh: Mesh
+
+    @property
+    def param_shardings(self):
+        return self.shardings["params"]
+
+
+def _logical_specs(abstract_params: nnx.State) -> Any:
+    """Pure-dict tree of logical axis tuples (None where a parameter is not annotated)."""
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+    return jax.tree.map(lambda s: tuple(s) if isinstance(s, P) else None, specs,
+                        is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def state_spec(config, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> StateSpec:
+    """Abstract train state and shardings for `config` on `mesh`, without allocating parameters."""
+    abstract_model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(config.seed)))
+    graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise TypeError("models may hold only nnx.Param state (no RNG or batch statistics).")
+    pure = nnx.to_pure_dict(abstract_params)
+    param_sh = sharding.param_shardings(_logical_specs(abstract_params), pure, mesh, rules)
+    tx = make_optimizer(config.optim, config.total_steps)
+    abstract_opt = jax.eval_shape(tx.init, pure)
+    replicated = NamedSharding(mesh, P())
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+                                   transform_non_params=lambda _: replicated)
+    shardings = {"step": replicated, "params": param_sh, "opt_state": opt_sh, "ema": param_sh}
+    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": pure, "opt_state": abstract_opt, "ema": pure}
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return StateSpec(graphdef, abstract, shardings, tx, mesh)
+
+
+def init_state(config, spec: StateSpec) -> dict:
+    """Initialises the train state directly into its shardings (jit with out_shardings)."""
+    def init():
+        model = build_model(config, nnx.Rngs(config.seed))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": spec.tx.init(params),
+                "ema": jax.tree.map(jnp.copy, params)}
+    return jax.jit(init, out_shardings=spec.shardings)()
+
+
+def count_params(tree) -> int:
+    return sum(x.size for x in jax.tree.leaves(tree))
