@@ -23,19 +23,20 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict(dict(
         name="dit", hidden=128, depth=4, heads=4, mlp_ratio=4.0, patch=(1, 8, 8), dtype="float32",
-        attention="xla", rope_theta=10000.0))
+        attention="xla", rope_theta=10000.0, pooled_text=True))
     c.autoencoder = ml_collections.ConfigDict(dict(name="identity"))
     c.text = ml_collections.ConfigDict(dict(
         tokenizer="words", vocabulary=list(procedural.VOCABULARY), encoder="tiny", width=128, depth=2,
         heads=4, max_len=12))
 
     c.data = ml_collections.ConfigDict(dict(
-        source="procedural", seed=0, sides=list(range(16, 65, 8)), frames=list(range(1, 17)),
-        seq_len=1024, text_len=128, max_samples_per_row=16, packing_bins=64, global_batch_rows=4,
+        source="procedural", seed=0, sides=list(range(16, 49, 8)), frames=list(range(1, 13)),
+        seq_len=512, text_len=128, max_samples_per_row=16, packing_bins=64, global_batch_rows=8,
         num_threads=1, prefetch=16))
 
     c.flow = ml_collections.ConfigDict(dict(
-        logit_mean=0.0, logit_std=1.0, shift_base_tokens=256.0, max_shift=3.0, caption_dropout=0.1))
+        logit_mean=0.0, logit_std=1.0, base_shift=1.0, shift_base_tokens=256.0, max_shift=3.0, caption_dropout=0.1,
+        prediction="velocity", t_min=0.05))
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-3, warmup_steps=50, b1=0.9, b2=0.99, weight_decay=0.01, grad_clip=1.0, schedule="constant"))
     c.ema_decay = 0.999

@@ -93,19 +93,19 @@ def padding_fraction(batch: dict) -> float:
     return float(1.0 - np.mean(batch["video_seg"] > 0))
 
 
-def eval_batches(config, num_batches: int) -> list[dict]:
-    """A fixed list of packed batches of held-out prompts, with fixed per-sample timesteps.
+def eval_batches(config, num_batches: int, process_index: int = 0, process_count: int = 1) -> list[dict]:
+    """This host's part of a fixed list of packed batches of held-out prompts, with fixed timesteps.
 
     The timesteps are spread evenly over (0, 1) so the validation loss weighs every noise level and is
     comparable across steps and runs.
     """
-    it = iter(packed_dataset(config, split="heldout"))
+    it = iter(packed_dataset(config, "heldout", process_index, process_count))
     batches = []
     for i in range(num_batches):
         batch = dict(next(it))
         rows, slots = batch["info"].shape[:2]
         grid = (np.arange(rows * slots, dtype=np.float32) + 0.5) / (rows * slots)
-        rng = np.random.default_rng(i)
+        rng = np.random.default_rng([i, process_index])
         batch["t"] = rng.permutation(grid).reshape(rows, slots).astype(np.float32)
         batches.append(batch)
     return batches

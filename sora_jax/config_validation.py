@@ -77,6 +77,17 @@ def validate(config) -> None:
     _require(0.0 <= config.ema_decay < 1.0, f"config.ema_decay={config.ema_decay} must be in [0, 1).")
     _require(0.0 <= config.flow.caption_dropout < 1.0,
              f"config.flow.caption_dropout={config.flow.caption_dropout} must be in [0, 1).")
+    _require(config.flow.prediction in ("velocity", "x0"),
+             f"config.flow.prediction={config.flow.prediction!r}; choose 'velocity' or 'x0'.")
+    _require(0.0 < config.flow.t_min < 1.0, f"config.flow.t_min={config.flow.t_min} must be in (0, 1).")
     s = config.sample
     _require(s.steps > 0, f"config.sample.steps={s.steps} must be > 0.")
     check_video_size(config, s.width, s.height, s.frames, what="config.sample: ")
+
+
+def validate_for_mesh(config, mesh_shape: dict) -> None:
+    """Checks what depends on the device mesh: the batch rows must split over data x fsdp."""
+    split = mesh_shape["data"] * mesh_shape["fsdp"]
+    _require(config.data.global_batch_rows % split == 0,
+             f"config.data.global_batch_rows={config.data.global_batch_rows} is not divisible by the "
+             f"mesh's data x fsdp = {split} devices; use a multiple of {split} or change config.mesh.")

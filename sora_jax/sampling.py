@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from sora_jax import patching
 from sora_jax.config_validation import ConfigError, check_video_size
-from sora_jax.diffusion.flow import token_shift
+from sora_jax.diffusion.flow import predict_velocity, token_shift
 from sora_jax.diffusion.samplers import euler_sample, guided_velocity, timesteps
 from sora_jax.models import build_model
 from sora_jax.models.autoencoder import build_autoencoder
@@ -65,7 +65,10 @@ class Sampler:
             raise FileNotFoundError(f"{workdir} has no checkpoint; train first (python -m sora_jax.train).")
         abstract_model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
         graphdef, abstract = nnx.split(abstract_model, nnx.Param)
-        params = ckpt.restore_params(step, nnx.to_pure_dict(abstract), "ema" if use_ema else "params")
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                nnx.to_pure_dict(abstract))
+        params = ckpt.restore_params(step, abstract, "ema" if use_ema else "params")
         ckpt.close()
         sampler = cls(config, graphdef, params)
         sampler.checkpoint_step = step
@@ -75,8 +78,9 @@ class Sampler:
         model = nnx.merge(self.graphdef, params)
 
         def velocity(x, t, drop):
-            return model(inputs._replace(tokens=x, t=jnp.full_like(inputs.t, t),
-                                         drop_text=jnp.full_like(inputs.drop_text, drop)))
+            return predict_velocity(model, inputs._replace(
+                tokens=x, t=jnp.full_like(inputs.t, t), drop_text=jnp.full_like(inputs.drop_text, drop)),
+                self.config.flow)
         return x + dt * guided_velocity(velocity, x, t, guidance)
 
     def generate(self, prompts, width: int, height: int, frames: int, steps: int = 30,
@@ -97,7 +101,7 @@ class Sampler:
             text=jnp.asarray(text), text_segments=jnp.asarray(text_seg),
             text_positions=jnp.asarray(np.broadcast_to(np.arange(max_len, dtype=np.int32), (p, max_len))),
             drop_text=jnp.zeros((p, 1), bool))
-        shift = float(token_shift(jnp.float32(n), self.config.flow.shift_base_tokens, self.config.flow.max_shift))
+        shift = float(token_shift(jnp.float32(n), self.config.flow))
         x = jax.random.normal(jax.random.key(seed), (p, n, dim), jnp.float32)
 
         def step_fn(x, t, dt):

@@ -165,6 +165,9 @@ def maybe_initialize_distributed(enabled: bool) -> None:
     """
     if not enabled:
         return
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        # CPU collectives across processes (tests, local multi-process runs) go through gloo.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {}
     if "JAX_COORDINATOR_ADDRESS" in os.environ:
         kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],

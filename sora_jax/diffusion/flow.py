@@ -1,4 +1,11 @@
-"""Rectified flow: x_t = (1 - t) x_0 + t eps, the model predicts v = eps - x_0.
+"""Rectified flow: x_t = (1 - t) x_0 + t eps, trained by matching the velocity v = eps - x_0.
+
+The network's raw output is read as the velocity itself ("velocity") or as the clean sample x_0
+("x0", converted to v = (x_t - x_0) / t). The loss is the velocity error either way. Pixel-space models
+whose patches have more features than the hidden width (8x8x3 = 192 > 128 in the tiny config) cannot
+carry the full-rank noise through the bottleneck that v-prediction requires and leave their samples
+noisy; predicting x_0, which lies on a low-dimensional manifold, removes that (Li & He 2025, "Back to
+Basics: Let Denoising Generative Models Denoise").
 
 Timesteps are drawn per sample from a logit-normal and then shifted toward noise by an amount that
 grows with the sample's token count (SD3 / Open-Sora 2.0): a large video keeps more of its structure at
@@ -13,10 +20,15 @@ from sora_jax.layers.common import gather_segments
 from sora_jax.models.dit import PackedInputs
 
 
-def token_shift(num_tokens: jax.Array, base_tokens: float, max_shift: float) -> jax.Array:
-    """Shift factor sqrt(n / base), clipped to [1, max_shift]; 1 means no shift."""
+def token_shift(num_tokens: jax.Array, flow_cfg) -> jax.Array:
+    """Shift factor base_shift * sqrt(n / base_tokens), clipped to [1, max_shift]; 1 means no shift.
+
+    base_shift sets the level for a sample of base_tokens tokens. Pixel-space models need it well
+    above 1: a 192-feature patch reveals the object's layout at very high noise, so the layout is
+    decided near t = 1, where an unshifted logit-normal rarely trains.
+    """
     n = jnp.maximum(num_tokens.astype(jnp.float32), 1.0)
-    return jnp.clip(jnp.sqrt(n / base_tokens), 1.0, max_shift)
+    return jnp.clip(flow_cfg.base_shift * jnp.sqrt(n / flow_cfg.shift_base_tokens), 1.0, flow_cfg.max_shift)
 
 
 def shift_t(t: jax.Array, shift: jax.Array) -> jax.Array:
@@ -28,7 +40,18 @@ def sample_t(key: jax.Array, num_tokens: jax.Array, flow_cfg) -> jax.Array:
     """Per-sample training timesteps [B, S]: logit-normal, then shifted by token count."""
     z = flow_cfg.logit_mean + flow_cfg.logit_std * jax.random.normal(key, num_tokens.shape)
     t = jax.nn.sigmoid(z)
-    return shift_t(t, token_shift(num_tokens, flow_cfg.shift_base_tokens, flow_cfg.max_shift))
+    return shift_t(t, token_shift(num_tokens, flow_cfg))
+
+
+def predict_velocity(model, inputs: PackedInputs, flow_cfg) -> jax.Array:
+    """The model's velocity estimate for packed inputs, whatever it was trained to output."""
+    out = model(inputs)
+    if flow_cfg.prediction == "velocity":
+        return out
+    if flow_cfg.prediction == "x0":
+        t = gather_segments(inputs.t, inputs.segments)[..., None]
+        return (inputs.tokens - out) / jnp.maximum(t, flow_cfg.t_min)
+    raise ValueError(f"config.flow.prediction={flow_cfg.prediction!r}; choose 'velocity' or 'x0'.")
 
 
 def flow_loss(model, batch: dict, key: jax.Array, flow_cfg, caption_dropout: float):
@@ -47,8 +70,8 @@ def flow_loss(model, batch: dict, key: jax.Array, flow_cfg, caption_dropout: flo
     t_tok = gather_segments(t, segments)[..., None]
     xt = (1.0 - t_tok) * x0 + t_tok * noise
     drop = jax.random.bernoulli(k_drop, caption_dropout, t.shape)
-    pred = model(PackedInputs(xt, batch["video_pos"], segments, t, batch["text"], batch["text_seg"],
-                              batch["text_pos"], drop))
+    pred = predict_velocity(model, PackedInputs(xt, batch["video_pos"], segments, t, batch["text"],
+                                                batch["text_seg"], batch["text_pos"], drop), flow_cfg)
     mask = (segments > 0).astype(jnp.float32)[..., None]
     denom = jnp.maximum(mask.sum() * x0.shape[-1], 1.0)
     loss = jnp.sum(mask * jnp.square(pred - (noise - x0))) / denom

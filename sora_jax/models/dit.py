@@ -56,7 +56,7 @@ class DiTBlock(nnx.Module):
         self.cross = Attention(dim, heads, rngs=rngs, backend=backend, dtype=dtype)
         self.norm2 = norm(dim, rngs=rngs, affine=False)
         self.mlp = MLP(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype)
-        self.table = nnx.Param(jnp.zeros((6, dim)), sharding=(None, "embed"))
+        self.table = nnx.Param(jnp.zeros((6, dim)), out_sharding=(None, "embed"))
 
     def __call__(self, x, mod, rope, self_mask, cross_mask, context):
         mod = mod + self.table[...].reshape(-1)
@@ -77,10 +77,14 @@ class DiT(nnx.Module):
         self.patch_embed = dense(patch_dim, dim, ("patch", "embed"), rngs=rngs, dtype=dtype)
         self.text_encoder = build_text_encoder(text_cfg, vocab_size, rngs=rngs, backend=backend)
         self.text_proj = dense(self.text_encoder.out_dim, dim, (None, "embed"), rngs=rngs, dtype=dtype)
-        self.null_text = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (dim,)), sharding=("embed",))
+        self.null_text = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (dim,)), out_sharding=("embed",))
         self.t_mlp1 = dense(256, dim, (None, "embed"), rngs=rngs)
         self.t_mlp2 = dense(dim, dim, ("embed", None), rngs=rngs)
         self.t_mod = dense(dim, 6 * dim, ("embed", "mlp"), rngs=rngs, zero_init=True)
+        # The caption's mean embedding joins the timestep in the adaLN conditioning (as SD3's pooled text
+        # does): a per-sample global signal that global attributes such as color are learned from fast.
+        self.pooled_text = (dense(dim, dim, ("embed", None), rngs=rngs, zero_init=True)
+                            if model_cfg.pooled_text else None)
         self.blocks = nnx.List([
             DiTBlock(dim, model_cfg.heads, model_cfg.mlp_ratio, rngs=rngs, backend=backend, dtype=dtype)
             for _ in range(model_cfg.depth)])
@@ -94,12 +98,20 @@ class DiT(nnx.Module):
         dropped = gather_segments(inputs.drop_text, inputs.text_segments)
         return jnp.where(dropped[..., None], self.null_text[...], ctx)
 
+    def pool_text(self, context: jax.Array, text_segments: jax.Array, num_samples: int) -> jax.Array:
+        """Mean caption embedding per sample: [B, Lt, D] -> [B, S, D] (sample k has segment k + 1)."""
+        onehot = (text_segments[:, :, None] == jnp.arange(1, num_samples + 1)).astype(context.dtype)
+        total = jnp.einsum("bls,bld->bsd", onehot, context)
+        return total / jnp.maximum(onehot.sum(1)[..., None], 1.0)
+
     def __call__(self, inputs: PackedInputs) -> jax.Array:
         x = self.patch_embed(inputs.tokens)
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
         context = self.encode_text(inputs)
 
         temb = self.t_mlp2(jax.nn.silu(self.t_mlp1(timestep_embedding(inputs.t, 256))))  # [B, S, D]
+        if self.pooled_text is not None:
+            temb = temb + self.pooled_text(self.pool_text(context, inputs.text_segments, inputs.t.shape[1]))
         mod = gather_segments(self.t_mod(jax.nn.silu(temb)), inputs.segments)  # [B, L, 6D]
         final_mod = gather_segments(self.final_mod(jax.nn.silu(temb)), inputs.segments)
 

@@ -80,7 +80,7 @@ class TinyTextEncoder(nnx.Module):
         self.out_dim, self.max_len = dim, max_len
         self.embed = nnx.Embed(vocab_size, dim, rngs=rngs, embedding_init=nnx.with_partitioning(
             nnx.initializers.normal(0.02), ("vocab", "embed")))
-        self.pos = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (max_len, dim)), sharding=(None, "embed"))
+        self.pos = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (max_len, dim)), out_sharding=(None, "embed"))
         self.layers = nnx.List([_EncoderLayer(dim, heads, rngs=rngs, backend=backend) for _ in range(depth)])
         self.final_norm = norm(dim, rngs=rngs)
 

@@ -20,6 +20,23 @@ class CheckpointMismatchError(ValueError):
     """The work dir holds a checkpoint of a differently shaped model."""
 
 
+def _name(path) -> str:
+    """A tensor's path as "a/b/0/c", the same for live trees and orbax metadata (which keys by string)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+    return "/".join(parts)
+
+
+def _restore_args(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+    """Restore straight into the shardings the abstract tree (ShapeDtypeStructs) carries."""
+    return ocp.args.PyTreeRestore(item=abstract, partial_restore=partial,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+
+
 class Checkpointer:
     """Async CheckpointManager over WORKDIR/checkpoints with items "state" and "data"."""
 
@@ -27,14 +44,16 @@ class Checkpointer:
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                                enable_async_checkpointing=not read_only)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        # Registered handlers let orbax read item metadata (shapes) before any restore.
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator=None) -> None:
         """Starts an async save; the previous one is awaited by orbax first."""
-        items = {"state": ocp.args.StandardSave(state)}
+        items = {"state": ocp.args.PyTreeSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self.manager.save(step, args=ocp.args.Composite(**items))
@@ -42,20 +61,23 @@ class Checkpointer:
     def check_compatible(self, step: int, abstract_state: Any, workdir: str) -> None:
         """Raises CheckpointMismatchError if any tensor's shape differs from the config's model."""
         stored = self.manager.item_metadata(step)["state"]
-        stored_shapes = {jax.tree_util.keystr(p): tuple(getattr(m, "shape", ()))
+        if stored is None:
+            raise CheckpointMismatchError(f"{workdir}: checkpoint step {step} has no readable metadata; it may be "
+                                          "corrupt or from another program. Use a fresh --workdir.")
+        stored_shapes = {_name(p): tuple(getattr(m, "shape", ()))
                          for p, m in jax.tree_util.tree_leaves_with_path(stored)}
-        for path, want in jax.tree_util.tree_leaves_with_path(abstract_state):
-            name = jax.tree_util.keystr(path)
+        wanted = {_name(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
+        for name, want in wanted.items():
             if name not in stored_shapes:
                 raise CheckpointMismatchError(
                     f"{workdir} holds a checkpoint (step {step}) of a different model: tensor {name} is missing "
                     f"from it. Use a fresh --workdir, or the config that wrote it (config.json there).")
-            if stored_shapes[name] != tuple(want.shape):
+            if stored_shapes[name] != want:
                 raise CheckpointMismatchError(
                     f"{workdir} holds a checkpoint (step {step}) of a differently shaped model: tensor {name} "
-                    f"has shape {stored_shapes[name]} in the checkpoint but {tuple(want.shape)} in the config. "
+                    f"has shape {stored_shapes[name]} in the checkpoint but {want} in the config. "
                     f"Use a fresh --workdir, or the config that wrote it (config.json there).")
-        extra = set(stored_shapes) - {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract_state)}
+        extra = set(stored_shapes) - set(wanted)
         if extra:
             raise CheckpointMismatchError(
                 f"{workdir} holds a checkpoint (step {step}) of a different model: it has tensors the config "
@@ -63,17 +85,15 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
         """Restores into the abstract state's shardings (and the iterator in place)."""
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        items = {"state": _restore_args(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
     def restore_params(self, step: int, abstract_params: Any, which: str = "ema") -> Any:
         """Restores only `params` or `ema` (sampling and evaluation jobs need nothing else)."""
-        target = {which: abstract_params}
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=target, partial_restore=True,
-                                         restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
+            state=_restore_args({which: abstract_params}, partial=True)))
         return restored["state"][which]
 
     def wait(self) -> None:

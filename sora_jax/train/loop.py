@@ -11,7 +11,7 @@ import numpy as np
 
 from data_pipelines import pipeline
 from sora_jax import sharding
-from sora_jax.config_validation import validate
+from sora_jax.config_validation import ConfigError, validate, validate_for_mesh
 from sora_jax.train import checkpointing
 from sora_jax.train.state import count_params, init_state, state_spec
 from sora_jax.train.step import make_eval_step, make_train_step
@@ -51,7 +51,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
     latest = ckpt.latest_step()
-    mesh = sharding.make_mesh(config.mesh)
+    try:
+        mesh = sharding.make_mesh(config.mesh)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    validate_for_mesh(config, dict(mesh.shape))
     with sharding.use_mesh(mesh):
         spec = state_spec(config, mesh)
         if latest is not None:
@@ -86,7 +90,7 @@ def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
     if mem is not None:
         logging.info("train_step memory: temp %.1f MiB, arguments %.1f MiB",
                      mem.temp_size_in_bytes / 2**20, mem.argument_size_in_bytes / 2**20)
-    eval_batches = pipeline.eval_batches(config, config.eval_batches)
+    eval_batches = pipeline.eval_batches(config, config.eval_batches, jax.process_index(), jax.process_count())
     eval_fn = make_eval_step(config, spec, eval_batches[0])
 
     history = []

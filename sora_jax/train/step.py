@@ -38,7 +38,7 @@ def make_train_step(config, spec: StateSpec, batch_example: dict):
         params = optax.apply_updates(state["params"], updates)
         decay = ema_decay_at(state["step"], config.ema_decay)
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "real_tokens": aux["real_tokens"]}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "real_tokens": aux["real_tokens"]}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema}, metrics
 
     batch_sh = {k: sharding.batch_sharding(spec.mesh) for k in batch_example}

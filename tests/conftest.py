@@ -1,0 +1,48 @@
+"""Test set-up: 8 simulated CPU devices, set before JAX is imported anywhere."""
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a GPU")
+    config.addinivalue_line("markers", "tpu: needs a TPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    import jax
+    platform = jax.default_backend()
+    for item in items:
+        for hw in ("gpu", "tpu"):
+            if hw in item.keywords and platform != hw:
+                item.add_marker(pytest.mark.skip(reason=f"needs a {hw.upper()}"))
+
+
+def smoke_config(**overrides):
+    """The seconds-long tiny config, with dotted overrides."""
+    from configs import tiny
+    config = tiny.get_config("smoke")
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return config
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+    """A work dir holding a smoke run's checkpoint (4 steps on the 8-device mesh)."""
+    from sora_jax.train.loop import train_and_evaluate
+    workdir = str(tmp_path_factory.mktemp("smoke"))
+    train_and_evaluate(smoke_config(), workdir)
+    return workdir
