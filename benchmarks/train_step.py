@@ -50,7 +50,7 @@ def main(argv):
     mesh = sharding.make_mesh(config.mesh)
     it = iter(pipeline.packed_dataset(config))
     batches = [next(it) for _ in range(FLAGS.steps + 1)]
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh, sharding.rules_from_config(config)):
         spec = state_spec(config, mesh)
         state = init_state(config, spec)
         compiled = make_train_step(config, spec, batches[0]).lower(

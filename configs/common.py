@@ -43,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Axes of size -1 take the remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
+    # (logical axis, mesh axes) pairs; an empty list means sora_jax.sharding.DEFAULT_RULES. Example:
+    # --config.logical_axis_rules='[["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["mlp", "tensor"]]'
+    c.logical_axis_rules = []
 
     c.sample = ml_collections.ConfigDict(dict(
         steps=30, guidance=3.0, width=48, height=32, frames=8, fps=8, use_ema=True, num_prompts=8))

@@ -125,9 +125,34 @@ def param_shardings(spec_tree: Any, shape_tree: Any, mesh: Mesh, rules: Sequence
         one, spec_tree, shape_tree, is_leaf=lambda x: x is None or isinstance(x, tuple))
 
 
+def rules_from_config(config) -> tuple:
+    """config.logical_axis_rules as a tuple of (logical, mesh axes) pairs; DEFAULT_RULES when unset."""
+    rules = config.get("logical_axis_rules")
+    if not rules:
+        return DEFAULT_RULES
+    out = []
+    for pair in rules:
+        if len(pair) != 2:
+            raise ValueError(f"config.logical_axis_rules entries must be (logical, mesh_axes) pairs; got {pair}.")
+        name, target = pair
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        bad = [a for a in axes if a not in MESH_AXES]
+        if bad:
+            raise ValueError(f"config.logical_axis_rules maps {name!r} to unknown mesh axes {bad}; "
+                             f"mesh axes are {MESH_AXES}.")
+        out.append((name, target if isinstance(target, str) or target is None else tuple(target)))
+    return tuple(out)
+
+
+def current_rules() -> tuple:
+    """The rules of the active `use_mesh`, else DEFAULT_RULES."""
+    current = _CURRENT.get()
+    return current[1] if current is not None else DEFAULT_RULES
+
+
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules: Sequence[tuple] = DEFAULT_RULES):
-    """Activates `mesh` and `rules` for `constrain` while tracing model code."""
+    """Activates `mesh` and `rules` for parameter shardings, batch shardings and `constrain`."""
     token = _CURRENT.set((mesh, tuple(rules)))
     try:
         yield mesh
@@ -145,15 +170,14 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def batch_sharding(mesh: Mesh, rules: Sequence[tuple] = DEFAULT_RULES) -> NamedSharding:
-    """The sharding of a batch's leading axis (rows of packed sequences)."""
-    return NamedSharding(mesh, logical_to_spec(("batch",), rules))
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The sharding of a batch's leading axis (rows of packed sequences) under the active rules."""
+    return NamedSharding(mesh, logical_to_spec(("batch",), current_rules()))
 
 
-def host_to_global(batch: dict[str, np.ndarray], mesh: Mesh,
-                   rules: Sequence[tuple] = DEFAULT_RULES) -> dict[str, jax.Array]:
+def host_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assembles each host's slice of the batch into global arrays sharded along the batch axis."""
-    sharding = batch_sharding(mesh, rules)
+    sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 

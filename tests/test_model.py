@@ -79,3 +79,15 @@ def test_train_step_matches_between_one_device_and_sharded_mesh():
     assert loss1b == pytest.approx(loss8b, rel=1e-5)
     for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_config_rules_decide_parameter_sharding():
+    config = smoke_config(**{"logical_axis_rules": [["batch", ["data"]], ["embed", None], ["mlp", "fsdp"]]})
+    mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
+    with sharding.use_mesh(mesh, sharding.rules_from_config(config)):
+        spec = state_spec(config, mesh)
+        fc1 = spec.param_shardings["blocks"][0]["mlp"]["fc1"]["kernel"]
+        assert fc1.spec == jax.sharding.PartitionSpec(None, "fsdp")
+        assert sharding.batch_sharding(mesh).spec == jax.sharding.PartitionSpec("data")
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        sharding.rules_from_config(smoke_config(**{"logical_axis_rules": [["embed", "model"]]}))

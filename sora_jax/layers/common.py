@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -64,6 +62,3 @@ def gather_segments(per_sample: jax.Array, segment_ids: jax.Array) -> jax.Array:
     idx = idx.reshape(idx.shape + (1,) * (per_sample.ndim - 2))
     return jnp.take_along_axis(per_sample, idx, axis=1)
 
-
-def shape_str(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"

@@ -22,12 +22,15 @@ def _history_path(workdir: str) -> str:
 
 
 def _append_history(workdir: str, record: dict) -> list[dict]:
+    """Adds an evaluation record to WORKDIR/eval_history.json (process 0 only; atomic replace)."""
+    if jax.process_index() != 0:
+        return [record]
     path = _history_path(workdir)
     history = json.load(open(path)) if os.path.exists(path) else []
     history = [h for h in history if h["step"] != record["step"]] + [record]
-    if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump(history, f, indent=2)
+    with open(path + ".tmp", "w") as f:
+        json.dump(history, f, indent=2)
+    os.replace(path + ".tmp", path)
     return history
 
 
@@ -53,10 +56,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     latest = ckpt.latest_step()
     try:
         mesh = sharding.make_mesh(config.mesh)
+        rules = sharding.rules_from_config(config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     validate_for_mesh(config, dict(mesh.shape))
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh, rules):
         spec = state_spec(config, mesh)
         if latest is not None:
             ckpt.check_compatible(latest, spec.abstract, workdir)
@@ -93,10 +97,10 @@ def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
     eval_batches = pipeline.eval_batches(config, config.eval_batches, jax.process_index(), jax.process_count())
     eval_fn = make_eval_step(config, spec, eval_batches[0])
 
-    history = []
     if start == 0:
-        history = _append_history(workdir, {"step": 0, **evaluate(eval_fn, state, eval_batches, mesh)})
-        writer.write_scalars(0, history[-1])
+        initial = evaluate(eval_fn, state, eval_batches, mesh)
+        _append_history(workdir, {"step": 0, **initial})
+        writer.write_scalars(0, initial)
 
     batch, window, t_last = first, [], time.perf_counter()
     for step in range(start, config.total_steps):
@@ -118,8 +122,9 @@ def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
             writer.write_scalars(done, scalars)
             window, t_last = [], time.perf_counter()
         if config.eval_every_steps and done % config.eval_every_steps == 0 and done != config.total_steps:
-            history = _append_history(workdir, {"step": done, **evaluate(eval_fn, state, eval_batches, mesh)})
-            writer.write_scalars(done, history[-1])
+            scores = evaluate(eval_fn, state, eval_batches, mesh)
+            _append_history(workdir, {"step": done, **scores})
+            writer.write_scalars(done, scores)
         if done % config.checkpoint_every_steps == 0 or done == config.total_steps:
             # The iterator already yielded this step's batch, so its state is where the next step begins.
             ckpt.save(done, state, data_iter)
@@ -130,7 +135,7 @@ def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
         history = _append_history(workdir, {"step": int(state["step"]), **final})
         writer.write_scalars(int(state["step"]), final)
         summary.update(final)
-        summary["val_loss_initial"] = json.load(open(_history_path(workdir)))[0].get("val_loss_ema")
+        summary["val_loss_initial"] = history[0].get("val_loss_ema") if history[0]["step"] == 0 else None
     ckpt.close()
     writer.flush()
     return summary

@@ -56,14 +56,14 @@ def _logical_specs(abstract_params: nnx.State) -> Any:
                         is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
-def state_spec(config, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> StateSpec:
-    """Abstract train state and shardings for `config` on `mesh`, without allocating parameters."""
+def state_spec(config, mesh: Mesh) -> StateSpec:
+    """Abstract train state and shardings for `config` on `mesh` (under the active logical-axis rules)."""
     abstract_model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(config.seed)))
     graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise TypeError("models may hold only nnx.Param state (no RNG or batch statistics).")
     pure = nnx.to_pure_dict(abstract_params)
-    param_sh = sharding.param_shardings(_logical_specs(abstract_params), pure, mesh, rules)
+    param_sh = sharding.param_shardings(_logical_specs(abstract_params), pure, mesh, sharding.current_rules())
     tx = make_optimizer(config.optim, config.total_steps)
     abstract_opt = jax.eval_shape(tx.init, pure)
     replicated = NamedSharding(mesh, P())
