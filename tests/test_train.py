@@ -63,3 +63,13 @@ def test_sample_cli_writes_media(trained_workdir, tmp_path):
              "--width=16", "--height=16", "--frames=1", f"--out={out}/img", "--steps=1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert [f for f in os.listdir(f"{out}/img") if f.endswith(".png")]
+
+
+def test_divergence_stops_without_saving(tmp_path):
+    import pytest
+    workdir = str(tmp_path)
+    train_and_evaluate(smoke_config(total_steps=2, checkpoint_every_steps=2), workdir)
+    with pytest.raises(FloatingPointError, match="stopping without saving"):
+        train_and_evaluate(smoke_config(total_steps=4, checkpoint_every_steps=2, **{"optim.lr": 1e30, "optim.warmup_steps": 0}),
+                           workdir)
+    assert sorted(d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == ["2"]

@@ -34,6 +34,13 @@ def _append_history(workdir: str, record: dict) -> list[dict]:
     return history
 
 
+def _check_finite(loss, step: int, workdir: str) -> None:
+    if not np.isfinite(float(loss)):
+        raise FloatingPointError(
+            f"training loss is {float(loss)} at step {step}; stopping without saving. The last good checkpoint "
+            f"in {workdir} is intact: lower config.optim.lr or raise config.optim.warmup_steps and resume.")
+
+
 def evaluate(eval_fn, state: dict, batches: list[dict], mesh) -> dict:
     """Validation flow loss of params and EMA params on the fixed held-out batches."""
     out = {}
@@ -111,6 +118,7 @@ def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
         done = step + 1
         if done % config.log_every_steps == 0 or done == config.total_steps:
             got = jax.device_get([m for m, _ in window])
+            _check_finite(got[-1]["loss"], done, workdir)
             elapsed = time.perf_counter() - t_last
             scalars = {
                 "loss": float(np.mean([m["loss"] for m in got])),
@@ -126,16 +134,17 @@ def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
             _append_history(workdir, {"step": done, **scores})
             writer.write_scalars(done, scores)
         if done % config.checkpoint_every_steps == 0 or done == config.total_steps:
+            # Never write a diverged state over good checkpoints.
+            _check_finite(metrics["loss"], done, workdir)
             # The iterator already yielded this step's batch, so its state is where the next step begins.
             ckpt.save(done, state, data_iter)
 
     summary = {"step": int(state["step"]), "trained": True}
-    if int(state["step"]) > start or start == 0:
-        final = evaluate(eval_fn, state, eval_batches, mesh)
-        history = _append_history(workdir, {"step": int(state["step"]), **final})
-        writer.write_scalars(int(state["step"]), final)
-        summary.update(final)
-        summary["val_loss_initial"] = history[0].get("val_loss_ema") if history[0]["step"] == 0 else None
+    final = evaluate(eval_fn, state, eval_batches, mesh)
+    history = _append_history(workdir, {"step": int(state["step"]), **final})
+    writer.write_scalars(int(state["step"]), final)
+    summary.update(final)
+    summary["val_loss_initial"] = history[0].get("val_loss_ema") if history[0]["step"] == 0 else None
     ckpt.close()
     writer.flush()
     return summary
