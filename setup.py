@@ -27,7 +27,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
+    # torch (CPU build) and diffusers are test-only: numerical parity of our modules with theirs.
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "diffusers==0.42.1"],
     # Accelerator installs replace the CPU jaxlib; versions must match jax above.
     "tpu": ["jax[tpu]==0.10.2"],
     "gpu": ["jax[cuda12]==0.10.2"],
