@@ -91,3 +91,20 @@ def test_pickle_weights_are_refused(saved_wan, tmp_path):
         f.write(b"\x80\x04not really a pickle")
     with pytest.raises(ValueError, match="pickle files are refused"):
         load_diffusers_vae(path)
+
+
+def test_convert_cli_writes_a_checkpoint_configs_can_name(saved_wan, tmp_path):
+    import subprocess
+    import sys
+
+    from sora_jax.convert.vae_checkpoint import load_vae
+    from tests.conftest import ROOT
+    dst = str(tmp_path / "converted")
+    r = subprocess.run([sys.executable, "-m", "sora_jax.convert", "--kind=wan_vae", f"--src={saved_wan}",
+                        f"--dst={dst}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    video = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 5, 16, 16, 3)), jnp.float32)
+    np.testing.assert_allclose(load_vae(dst).encode(video), load_diffusers_vae(saved_wan).encode(video), atol=1e-6)
+    r = subprocess.run([sys.executable, "-m", "sora_jax.convert", f"--src={saved_wan}", f"--dst={dst}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "refusing to overwrite" in r.stderr

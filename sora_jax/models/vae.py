@@ -5,16 +5,19 @@ side of time, so frame t never sees frames after t. The first frame is encoded o
 down-sampling keeps it and strides over the rest), so an image is a 1-frame video and T = 1 + 4k frames
 become 1 + k latent frames with the default 4x8x8 compression.
 
-This is the whole-sequence form of the computation. Wan's reference implementation runs it chunk by
-chunk with a per-layer frame cache (first chunk 1 frame, then 4); the two are the same function, which
-the diffusers parity tests check frame-exactly. Module and parameter names follow diffusers'
+Two ways to run it compute the same function. The whole-sequence form (`encode`, `decode`) is simplest;
+the streaming form (`encode_chunked`, `decode_chunked`) runs causally in chunks (first chunk 1 frame,
+then `chunk` frames) with a per-layer frame cache -- each causal convolution keeps the last 2 frames it
+saw, each temporal resampler the frame(s) it needs -- so memory is bounded whatever the video length.
+A `Stream` context threads the caches through the layers; without one, layers see the whole sequence. Module and parameter names follow diffusers'
 `AutoencoderKLWan` so that `sora_jax.convert` can map its safetensors one to one.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +53,19 @@ class VAEConfig:
 _TORCH_DEFAULT_INIT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+class Stream:
+    """Per-call streaming context: caches read from `cache`, written to `new`; `first` marks chunk 0."""
+
+    def __init__(self, cache: dict, first: bool):
+        self.cache, self.new, self.first = cache, {}, first
+
+    def frames(self, key: str, like: jax.Array, count: int) -> jax.Array:
+        """The cached frames for `key`, or zeros (causal padding) before the first chunk."""
+        if key in self.cache:
+            return self.cache[key]
+        return jnp.zeros((like.shape[0], count, *like.shape[2:]), like.dtype)
+
+
 class CausalConv3d(nnx.Module):
     """3D convolution with zero padding on the past side of time only (2 * pad_t frames)."""
 
@@ -64,8 +80,13 @@ class CausalConv3d(nnx.Module):
         self.bias = nnx.Param(jax.random.uniform(rngs.params(), (cout,), minval=-bound, maxval=bound),
                               out_sharding=("conv_out",))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, stream: Stream | None = None) -> jax.Array:
         pt, ph, pw = self.padding
+        if stream is not None and pt > 0:
+            # The past frames come from the cache (zeros before the first chunk), not from padding.
+            x = jnp.concatenate([stream.frames(self.cache_key, x, 2 * pt), x], axis=1)
+            stream.new[self.cache_key] = x[:, -2 * pt:]
+            pt = 0
         x = jnp.pad(x, ((0, 0), (2 * pt, 0), (ph, ph), (pw, pw), (0, 0)))
         y = jax.lax.conv_general_dilated(x, self.kernel[...].astype(x.dtype), self.stride, "VALID",
                                          dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
@@ -112,10 +133,10 @@ class ResidualBlock(nnx.Module):
         self.conv2 = CausalConv3d(cout, cout, 3, padding=1, rngs=rngs)
         self.conv_shortcut = CausalConv3d(cin, cout, 1, rngs=rngs) if cin != cout else None
 
-    def __call__(self, x):
+    def __call__(self, x, stream: Stream | None = None):
         h = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        x = self.conv1(jax.nn.silu(self.norm1(x)))
-        x = self.conv2(jax.nn.silu(self.norm2(x)))
+        x = self.conv1(jax.nn.silu(self.norm1(x)), stream)
+        x = self.conv2(jax.nn.silu(self.norm2(x)), stream)
         return x + h
 
 
@@ -127,7 +148,8 @@ class AttentionBlock(nnx.Module):
         self.to_qkv = FrameConv2d(dim, 3 * dim, 1, rngs=rngs)
         self.proj = FrameConv2d(dim, dim, 1, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, stream: Stream | None = None):
+        del stream  # attention is within each frame: nothing to cache
         b, t, h, w, c = x.shape
         q, k, v = jnp.split(self.to_qkv(self.norm(x)).reshape(b * t, h * w, 3 * c), 3, axis=-1)
         logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(c)
@@ -155,21 +177,43 @@ class Resample(nnx.Module):
             self.time_conv = (CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), rngs=rngs)
                               if mode == "downsample3d" else None)
 
-    def __call__(self, x):
-        if self.mode == "upsample3d" and x.shape[1] > 1:
-            b, t, h, w, c = x.shape
-            later = self.time_conv(x[:, 1:]).reshape(b, t - 1, h, w, 2, c)
-            later = jnp.moveaxis(later, 4, 2).reshape(b, 2 * (t - 1), h, w, c)
-            x = jnp.concatenate([x[:, :1], later], axis=1)
+    def __call__(self, x, stream: Stream | None = None):
+        if self.mode == "upsample3d":
+            x = self._double_frames(x, stream)
         if self.mode.startswith("up"):
             x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)  # nearest, exact for a factor of 2
             return self.resample_conv(x)
         x = self.resample_conv(jnp.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1), (0, 0))))
-        if self.mode == "downsample3d" and x.shape[1] >= 3:
-            x = jnp.concatenate([x[:, :1], self.time_conv(x)], axis=1)
-        elif self.mode == "downsample3d":
-            x = x[:, :1]
+        if self.mode == "downsample3d":
+            x = self._halve_frames(x, stream)
         return x
+
+    def _double_frames(self, x, stream):
+        """Frame 0 of the sequence passes; every later frame becomes two (causal time conv)."""
+        head_len = 1 if stream is None or stream.first else 0
+        head, tail = x[:, :head_len], x[:, head_len:]
+        if tail.shape[1] == 0:
+            if stream is not None:  # keep the time conv's cache at its causal zeros
+                stream.new[self.time_conv.cache_key] = stream.frames(self.time_conv.cache_key, x, 2)
+            return head
+        b, t, h, w, c = tail.shape
+        tail = jnp.moveaxis(self.time_conv(tail, stream).reshape(b, t, h, w, 2, c), 4, 2)
+        return jnp.concatenate([head, tail.reshape(b, 2 * t, h, w, c)], axis=1)
+
+    def _halve_frames(self, x, stream):
+        """Frame 0 of the sequence passes; then stride 2 over the whole sequence (3-frame windows)."""
+        if stream is None:
+            if x.shape[1] < 3:
+                return x[:, :1]
+            return jnp.concatenate([x[:, :1], self.time_conv(x)], axis=1)
+        key = self.time_conv.cache_key
+        if stream.first:
+            if x.shape[1] != 1:
+                raise ValueError("the first chunk of a stream must hold exactly one frame.")
+            stream.new[key] = x
+            return x
+        stream.new[key] = x[:, -1:]
+        return self.time_conv(jnp.concatenate([stream.cache[key], x], axis=1))
 
 
 class MidBlock(nnx.Module):
@@ -177,9 +221,9 @@ class MidBlock(nnx.Module):
         self.resnets = nnx.List([ResidualBlock(dim, dim, rngs=rngs), ResidualBlock(dim, dim, rngs=rngs)])
         self.attentions = nnx.List([AttentionBlock(dim, rngs=rngs)])
 
-    def __call__(self, x):
-        x = self.resnets[0](x)
-        return self.resnets[1](self.attentions[0](x))
+    def __call__(self, x, stream: Stream | None = None):
+        x = self.resnets[0](x, stream)
+        return self.resnets[1](self.attentions[0](x), stream)
 
 
 class Encoder(nnx.Module):
@@ -202,12 +246,12 @@ class Encoder(nnx.Module):
         self.norm_out = ChannelRMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1, rngs=rngs)
 
-    def __call__(self, x):
-        x = self.conv_in(x)
+    def __call__(self, x, stream: Stream | None = None):
+        x = self.conv_in(x, stream)
         for block in self.down_blocks:
-            x = block(x)
-        x = self.mid_block(x)
-        return self.conv_out(jax.nn.silu(self.norm_out(x)))
+            x = block(x, stream)
+        x = self.mid_block(x, stream)
+        return self.conv_out(jax.nn.silu(self.norm_out(x)), stream)
 
 
 class UpBlock(nnx.Module):
@@ -219,10 +263,10 @@ class UpBlock(nnx.Module):
         self.resnets = nnx.List(resnets)
         self.upsamplers = nnx.List([Resample(dout, mode, rngs=rngs)]) if mode else None
 
-    def __call__(self, x):
+    def __call__(self, x, stream: Stream | None = None):
         for block in self.resnets:
-            x = block(x)
-        return x if self.upsamplers is None else self.upsamplers[0](x)
+            x = block(x, stream)
+        return x if self.upsamplers is None else self.upsamplers[0](x, stream)
 
 
 class Decoder(nnx.Module):
@@ -244,11 +288,11 @@ class Decoder(nnx.Module):
         self.norm_out = ChannelRMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, 3, padding=1, rngs=rngs)
 
-    def __call__(self, z):
-        x = self.mid_block(self.conv_in(z))
+    def __call__(self, z, stream: Stream | None = None):
+        x = self.mid_block(self.conv_in(z, stream), stream)
         for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(jax.nn.silu(self.norm_out(x)))
+            x = block(x, stream)
+        return self.conv_out(jax.nn.silu(self.norm_out(x)), stream)
 
 
 class CausalVAE(nnx.Module):
@@ -266,6 +310,9 @@ class CausalVAE(nnx.Module):
         self.quant_conv = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1, rngs=rngs)
         self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, 1, rngs=rngs)
         self.decoder = Decoder(cfg, rngs=rngs)
+        for path, module in nnx.iter_modules(self):
+            if isinstance(module, CausalConv3d):  # stable names for the streaming caches
+                module.cache_key = "/".join(str(p) for p in path)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         st, sh, sw = self.stride
@@ -305,6 +352,46 @@ class CausalVAE(nnx.Module):
             raise ValueError(f"latent must be (B, T, H, W, {self.cfg.z_dim}); got shape {tuple(latent.shape)}.")
         return jnp.clip(self.decoder(self.post_quant_conv(latent)), -1.0, 1.0)
 
+    def encode_chunked(self, video: jax.Array | Iterable[jax.Array], chunk: int | None = None) -> jax.Array:
+        """Latent mean, computed causally in chunks with frame caches; equals `encode(video)`.
+
+        Args:
+          video: (B, T, H, W, C), or an iterable of such pieces (first 1 frame, then multiples of the
+            temporal stride) so that a long video never has to be in memory at once.
+          chunk: frames per chunk after the first (a multiple of the temporal stride; default the stride).
+        """
+        st = self.stride[0]
+        chunk = chunk or st
+        if chunk % st:
+            raise ValueError(f"chunk={chunk} must be a multiple of the temporal stride {st}.")
+        if not isinstance(video, (jax.Array, jnp.ndarray)) and not hasattr(video, "shape"):
+            pieces = iter(video)
+        else:
+            self.check_video(video)
+            pieces = (video[:, s:s + (1 if s == 0 else chunk)] for s in [0, *range(1, video.shape[1], chunk)])
+        graphdef, params = nnx.split(self)
+        cache, outs = {}, []
+        for i, piece in enumerate(pieces):
+            if i > 0 and piece.shape[1] % st:
+                raise ValueError(f"chunk {i} has {piece.shape[1]} frames; after the first frame, chunks must hold a "
+                                 f"multiple of {st} frames.")
+            latent, cache = _stream_step(graphdef, params, jnp.asarray(piece), cache, i == 0, "encode")
+            outs.append(latent)
+        return jnp.concatenate(outs, axis=1)
+
+    def decode_chunked(self, latent: jax.Array, chunk: int = 1) -> Iterator[jax.Array]:
+        """Yields the decoded video piece by piece (`chunk` latent frames at a time, causally cached).
+
+        Concatenated along time, the pieces equal `decode(latent)`; memory stays that of one chunk.
+        """
+        if latent.ndim != 5 or latent.shape[-1] != self.cfg.z_dim:
+            raise ValueError(f"latent must be (B, T, H, W, {self.cfg.z_dim}); got shape {tuple(latent.shape)}.")
+        graphdef, params = nnx.split(self)
+        cache = {}
+        for i, start in enumerate(range(0, latent.shape[1], chunk)):
+            video, cache = _stream_step(graphdef, params, latent[:, start:start + chunk], cache, i == 0, "decode")
+            yield video
+
     def normalize(self, latent: jax.Array) -> jax.Array:
         """Per-channel (z - mean) / std, as the Wan pipeline feeds its DiT."""
         if self.cfg.latents_mean is None:
@@ -315,6 +402,18 @@ class CausalVAE(nnx.Module):
         if self.cfg.latents_mean is None:
             return latent
         return latent * jnp.asarray(self.cfg.latents_std) + jnp.asarray(self.cfg.latents_mean)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "first", "which"))
+def _stream_step(graphdef, params, x, cache, first: bool, which: str):
+    """One chunk through the encoder or decoder; returns (output, updated caches). Compiled per chunk shape."""
+    vae = nnx.merge(graphdef, params)
+    stream = Stream(cache, first)
+    if which == "encode":
+        y = jnp.split(vae.quant_conv(vae.encoder(x, stream)), 2, axis=-1)[0]
+    else:
+        y = jnp.clip(vae.decoder(vae.post_quant_conv(x), stream), -1.0, 1.0)
+    return y, stream.new
 
 
 def pad_frames(video, multiple: int = 4):
