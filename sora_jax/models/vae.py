@@ -358,10 +358,11 @@ class CausalVAE(nnx.Module):
         Args:
           video: (B, T, H, W, C), or an iterable of such pieces (first 1 frame, then multiples of the
             temporal stride) so that a long video never has to be in memory at once.
-          chunk: frames per chunk after the first (a multiple of the temporal stride; default the stride).
+          chunk: frames per chunk after the first (a multiple of the temporal stride; default 4 strides,
+            which measured fastest on CPU among 1-8 strides while memory stays that of one chunk).
         """
         st = self.stride[0]
-        chunk = chunk or st
+        chunk = chunk or 4 * st
         if chunk % st:
             raise ValueError(f"chunk={chunk} must be a multiple of the temporal stride {st}.")
         if not isinstance(video, (jax.Array, jnp.ndarray)) and not hasattr(video, "shape"):
@@ -379,7 +380,7 @@ class CausalVAE(nnx.Module):
             outs.append(latent)
         return jnp.concatenate(outs, axis=1)
 
-    def decode_chunked(self, latent: jax.Array, chunk: int = 1) -> Iterator[jax.Array]:
+    def decode_chunked(self, latent: jax.Array, chunk: int = 4) -> Iterator[jax.Array]:
         """Yields the decoded video piece by piece (`chunk` latent frames at a time, causally cached).
 
         Concatenated along time, the pieces equal `decode(latent)`; memory stays that of one chunk.
