@@ -108,3 +108,12 @@ def test_convert_cli_writes_a_checkpoint_configs_can_name(saved_wan, tmp_path):
     r = subprocess.run([sys.executable, "-m", "sora_jax.convert", f"--src={saved_wan}", f"--dst={dst}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "refusing to overwrite" in r.stderr
+
+
+def test_latent_normalisation_is_per_channel_and_invertible():
+    cfg = VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
+                    latents_mean=(0.5, -1.0, 0.0, 2.0), latents_std=(2.0, 0.5, 1.0, 4.0))
+    vae = CausalVAE(cfg, rngs=nnx.Rngs(0))
+    z = jnp.ones((1, 1, 2, 2, 4))
+    np.testing.assert_allclose(vae.normalize(z)[0, 0, 0, 0], [0.25, 4.0, 1.0, -0.25])
+    np.testing.assert_allclose(vae.denormalize(vae.normalize(z)), z, atol=1e-6)
