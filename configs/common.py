@@ -24,7 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         name="dit", hidden=128, depth=4, heads=4, mlp_ratio=4.0, patch=(1, 8, 8), dtype="float32",
         attention="xla", rope_theta=10000.0, pooled_text=True))
-    c.autoencoder = ml_collections.ConfigDict(dict(name="identity"))
+    # "identity" (pixel space) or "vae" with checkpoint= a directory from `python -m sora_jax.convert`.
+    c.autoencoder = ml_collections.ConfigDict(dict(name="identity", checkpoint=""))
     c.text = ml_collections.ConfigDict(dict(
         tokenizer="words", vocabulary=list(procedural.VOCABULARY), encoder="tiny", width=128, depth=2,
         heads=4, max_len=12))

@@ -11,8 +11,6 @@ A batch (per host) is a dict of numpy arrays:
 """
 from __future__ import annotations
 
-import math
-
 import grain
 import grain.experimental as grain_exp
 import numpy as np
@@ -110,9 +108,3 @@ def eval_batches(config, num_batches: int, process_index: int = 0, process_count
         batches.append(batch)
     return batches
 
-
-def max_tokens_per_sample(config) -> int:
-    """The largest sample the source can produce, in tokens (it must fit one row)."""
-    ae = build_autoencoder(config.autoencoder)
-    t, h, w = ae.latent_shape(max(config.data.frames), max(config.data.sides), max(config.data.sides))
-    return math.prod(d // p for d, p in zip((t, h, w), config.model.patch))

@@ -19,19 +19,23 @@ def _require(ok: bool, message: str) -> None:
 
 
 def check_video_size(config, width: int, height: int, frames: int, what: str = "") -> tuple[int, int, int]:
-    """Token grid for a pixel video size, or a ConfigError naming the dimension that does not divide."""
-    ae = build_autoencoder(config.autoencoder)
+    """Token grid for a pixel video size, or a ConfigError naming the dimension that does not fit."""
     _require(min(width, height, frames) > 0,
              f"{what}width, height and frames must be positive; got {width}x{height}, {frames} frames.")
+    try:
+        ae = build_autoencoder(config.autoencoder)
+        latent = ae.latent_shape(frames, height, width)
+    except ValueError as e:
+        raise ConfigError(f"{what}{e}") from None
     grid = []
-    for name, size, stride, patch in zip(("frames", "height", "width"), (frames, height, width),
-                                         ae.stride, config.model.patch):
-        unit = stride * patch
-        # Causal VAEs take 1 + stride * k frames; the identity autoencoder has stride 1.
-        _require(size % unit == 0,
-                 f"{what}{name}={size} is not divisible by {unit} (autoencoder stride {stride} x patch "
-                 f"{patch}); use a multiple of {unit}, e.g. {max(unit, size // unit * unit)}.")
-        grid.append(size // unit)
+    for name, size, lsize, stride, patch in zip(("frames", "height", "width"), (frames, height, width), latent,
+                                                ae.stride, config.model.patch):
+        if lsize % patch:
+            unit = stride * patch
+            raise ConfigError(
+                f"{what}{name}={size} is not divisible by {unit} (autoencoder stride {stride} x patch {patch}); "
+                f"its {lsize} latent {name} must be a multiple of the patch size {patch}.")
+        grid.append(lsize // patch)
     return tuple(grid)
 
 
@@ -55,12 +59,16 @@ def validate(config) -> None:
     _require(len(m.patch) == 3 and min(m.patch) > 0, f"config.model.patch={m.patch} must be 3 positive ints (t, h, w).")
     _require(config.autoencoder.name in AUTOENCODERS,
              f"config.autoencoder.name={config.autoencoder.name!r}; choose one of {sorted(AUTOENCODERS)}.")
+    try:
+        build_autoencoder(config.autoencoder)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _require(config.text.width % config.text.heads == 0,
              f"config.text.width={config.text.width} is not divisible by config.text.heads={config.text.heads}.")
 
     d = config.data
     for side in d.sides:
-        check_video_size(config, side, side, 1, what="config.data.sides: ")
+        check_video_size(config, side, side, min(d.frames), what="config.data.sides: ")
     for frames in d.frames:
         check_video_size(config, min(d.sides), min(d.sides), frames, what="config.data.frames: ")
     biggest = math.prod(check_video_size(config, max(d.sides), max(d.sides), max(d.frames)))

@@ -1,12 +1,19 @@
 """The autoencoder interface between pixels and the latents the DiT models.
 
 An autoencoder has `channels` (latent channels), `stride` (t, h, w compression), `encode(video)` and
-`decode(latent)`, both channels-last (B, T, H, W, C) with pixel values in [-1, 1]. The identity
-autoencoder (pixel-space diffusion) serves the tiny config until the 3D causal VAE lands.
+`decode(latent)`, both channels-last (B, T, H, W, C) with pixel values in [-1, 1], and
+`latent_shape(frames, height, width)`, which raises ValueError for a size it cannot represent. The
+identity autoencoder serves pixel-space configs; "vae" loads a CausalVAE checkpoint written by
+`python -m sora_jax.convert` (or by VAE training) and works in its normalised latent space.
 """
 from __future__ import annotations
 
+import functools
+import json
+import os
 from typing import Protocol
+
+import numpy as np
 
 
 class Autoencoder(Protocol):
@@ -36,11 +43,54 @@ class IdentityAutoencoder:
         return frames, height, width
 
 
-AUTOENCODERS = {"identity": IdentityAutoencoder}
+@functools.lru_cache(maxsize=4)
+def _load_vae(checkpoint: str):
+    from sora_jax.convert.vae_checkpoint import load_vae
+    return load_vae(checkpoint)
+
+
+class VAEAutoencoder:
+    """A CausalVAE checkpoint; shapes come from its vae_config.json, weights load on first use.
+
+    Latents are normalised per channel (the Wan pipeline's mean/std) on encode and restored on decode.
+    Encode and decode run the chunked causal paths, so any length fits in bounded memory.
+    """
+
+    def __init__(self, checkpoint: str):
+        from sora_jax.models.vae import VAEConfig
+        path = os.path.join(checkpoint or "", "vae_config.json")
+        if not checkpoint or not os.path.exists(path):
+            raise ValueError(f"config.autoencoder.checkpoint={checkpoint!r} has no vae_config.json; point it at a "
+                             "directory written by `python -m sora_jax.convert` or by VAE training.")
+        with open(path) as f:
+            self.cfg = VAEConfig.from_dict(json.load(f))
+        self.checkpoint, self.channels, self.stride = checkpoint, self.cfg.z_dim, self.cfg.stride
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        st, sh, sw = self.stride
+        if (frames - 1) % st:
+            raise ValueError(f"frames={frames} is not 1 + {st}k, which this causal VAE needs (e.g. {1 + st * max(1, (frames - 1) // st)}).")
+        if height % sh or width % sw:
+            raise ValueError(f"{width}x{height} is not a multiple of the VAE's spatial stride {sh}.")
+        return 1 + (frames - 1) // st, height // sh, width // sw
+
+    def encode(self, video):
+        import jax.numpy as jnp
+        vae = _load_vae(self.checkpoint)
+        latent = vae.normalize(vae.encode_chunked(jnp.asarray(video)))
+        return np.asarray(latent) if isinstance(video, np.ndarray) else latent
+
+    def decode(self, latent):
+        import jax.numpy as jnp
+        vae = _load_vae(self.checkpoint)
+        return jnp.concatenate(list(vae.decode_chunked(vae.denormalize(jnp.asarray(latent)))), axis=1)
+
+
+AUTOENCODERS = {"identity": lambda ae_cfg: IdentityAutoencoder(), "vae": lambda ae_cfg: VAEAutoencoder(ae_cfg.get("checkpoint"))}
 
 
 def build_autoencoder(ae_cfg) -> Autoencoder:
     """The autoencoder named by config.autoencoder.name."""
     if ae_cfg.name not in AUTOENCODERS:
         raise ValueError(f"config.autoencoder.name={ae_cfg.name!r}; choose one of {sorted(AUTOENCODERS)}.")
-    return AUTOENCODERS[ae_cfg.name]()
+    return AUTOENCODERS[ae_cfg.name](ae_cfg)

@@ -37,6 +37,12 @@ class VAEConfig:
     latents_mean: tuple[float, ...] | None = None
     latents_std: tuple[float, ...] | None = None
 
+    @property
+    def stride(self) -> tuple[int, int, int]:
+        """(t, h, w) compression: 2 per temporal / spatial down-sampling stage."""
+        spatial = 2 ** (len(self.dim_mult) - 1)
+        return 2 ** sum(bool(d) for d in self.temporal_downsample), spatial, spatial
+
     @classmethod
     def from_dict(cls, d) -> "VAEConfig":
         """From a dict (or ConfigDict); lists become tuples, unknown keys are an error."""
@@ -48,6 +54,12 @@ class VAEConfig:
             if isinstance(value, (list, tuple)):
                 d[key] = tuple(value)
         return cls(**d)
+
+
+def _param(value, axes) -> nnx.Param:
+    """A parameter annotated with logical axes. Eager sharding is off per parameter (not only through the
+    global switch), because the global switch is thread-local and grain encodes in worker threads."""
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 _TORCH_DEFAULT_INIT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -74,11 +86,10 @@ class CausalConv3d(nnx.Module):
         self.kernel_size = (kernel,) * 3 if isinstance(kernel, int) else tuple(kernel)
         self.stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
         self.padding = (padding,) * 3 if isinstance(padding, int) else tuple(padding)
-        self.kernel = nnx.Param(_TORCH_DEFAULT_INIT(rngs.params(), (*self.kernel_size, cin, cout)),
-                                out_sharding=(None, None, None, "conv_in", "conv_out"))
+        self.kernel = _param(_TORCH_DEFAULT_INIT(rngs.params(), (*self.kernel_size, cin, cout)),
+                             (None, None, None, "conv_in", "conv_out"))
         bound = 1.0 / math.sqrt(cin * math.prod(self.kernel_size))
-        self.bias = nnx.Param(jax.random.uniform(rngs.params(), (cout,), minval=-bound, maxval=bound),
-                              out_sharding=("conv_out",))
+        self.bias = _param(jax.random.uniform(rngs.params(), (cout,), minval=-bound, maxval=bound), ("conv_out",))
 
     def __call__(self, x: jax.Array, stream: Stream | None = None) -> jax.Array:
         pt, ph, pw = self.padding
@@ -98,11 +109,10 @@ class FrameConv2d(nnx.Module):
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, *, rngs: nnx.Rngs):
         self.stride, self.padding = stride, padding
-        self.kernel = nnx.Param(_TORCH_DEFAULT_INIT(rngs.params(), (kernel, kernel, cin, cout)),
-                                out_sharding=(None, None, "conv_in", "conv_out"))
+        self.kernel = _param(_TORCH_DEFAULT_INIT(rngs.params(), (kernel, kernel, cin, cout)),
+                             (None, None, "conv_in", "conv_out"))
         bound = 1.0 / math.sqrt(cin * kernel * kernel)
-        self.bias = nnx.Param(jax.random.uniform(rngs.params(), (cout,), minval=-bound, maxval=bound),
-                              out_sharding=("conv_out",))
+        self.bias = _param(jax.random.uniform(rngs.params(), (cout,), minval=-bound, maxval=bound), ("conv_out",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t = x.shape[:2]
@@ -117,7 +127,7 @@ class ChannelRMSNorm(nnx.Module):
     """x / ||x||_channels * sqrt(C) * gamma (L2-normalise over channels, as Wan does)."""
 
     def __init__(self, dim: int):
-        self.gamma = nnx.Param(jnp.ones((dim,)), out_sharding=("conv_out",))
+        self.gamma = _param(jnp.ones((dim,)), ("conv_out",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
@@ -304,8 +314,7 @@ class CausalVAE(nnx.Module):
                              f"down-sampling stage, len(dim_mult) - 1 = {len(cfg.dim_mult) - 1}.")
         self.cfg = cfg
         self.channels = cfg.z_dim
-        self.stride = (2 ** sum(bool(d) for d in cfg.temporal_downsample), 2 ** (len(cfg.dim_mult) - 1),
-                       2 ** (len(cfg.dim_mult) - 1))
+        self.stride = cfg.stride
         self.encoder = Encoder(cfg, rngs=rngs)
         self.quant_conv = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1, rngs=rngs)
         self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, 1, rngs=rngs)
