@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
         heads=4, max_len=12))
 
     c.data = ml_collections.ConfigDict(dict(
-        source="procedural", seed=0, sides=list(range(16, 49, 8)), frames=list(range(1, 13)),
+        source="procedural", latent_dir="", seed=0, sides=list(range(16, 49, 8)), frames=list(range(1, 13)),
         seq_len=512, text_len=128, max_samples_per_row=16, packing_bins=64, global_batch_rows=8,
         num_threads=1, prefetch=16))
 

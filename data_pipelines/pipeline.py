@@ -15,6 +15,7 @@ import grain
 import grain.experimental as grain_exp
 import numpy as np
 
+from data_pipelines.latents import LatentShards
 from data_pipelines.procedural import ProceduralWorld
 from sora_jax import patching
 from sora_jax.models.autoencoder import build_autoencoder
@@ -22,15 +23,24 @@ from sora_jax.models.text import build_tokenizer
 
 INFO_FIELDS = ("nt", "nh", "nw", "num_tokens", "index")
 
-SOURCES = {"procedural": ProceduralWorld}
+def _procedural(data_cfg, split):
+    return ProceduralWorld(seed=data_cfg.seed, sides=list(data_cfg.sides), frames=list(data_cfg.frames), split=split)
+
+
+def _latents(data_cfg, split):
+    # Cached latents are for training; held-out evaluation still renders (and encodes) the world.
+    return LatentShards(data_cfg.latent_dir) if split == "train" else _procedural(data_cfg, split)
+
+
+# Each source yields {"video" (T, H, W, 3) in [-1, 1] | "latent" (T', H', W', C), "caption", "index"}.
+SOURCES = {"procedural": _procedural, "latents": _latents}
 
 
 def build_source(data_cfg, split: str):
     """The random-access source named by config.data.source."""
     if data_cfg.source not in SOURCES:
         raise ValueError(f"config.data.source={data_cfg.source!r}; choose one of {sorted(SOURCES)}.")
-    return SOURCES[data_cfg.source](seed=data_cfg.seed, sides=list(data_cfg.sides),
-                                    frames=list(data_cfg.frames), split=split)
+    return SOURCES[data_cfg.source](data_cfg, split)
 
 
 class ToTokens(grain.transforms.Map):
@@ -43,7 +53,10 @@ class ToTokens(grain.transforms.Map):
         self.text_len = config.text.max_len
 
     def map(self, example: dict) -> dict:
-        latent = np.asarray(self.autoencoder.encode(example["video"][None])[0])
+        if "latent" in example:  # cached by `python -m sora_jax.encode`
+            latent = example["latent"]
+        else:
+            latent = np.asarray(self.autoencoder.encode(example["video"][None])[0])
         grid = patching.check_divisible(latent.shape, self.patch)
         tokens = patching.patchify(latent, self.patch).astype(np.float32)
         n = tokens.shape[0]
@@ -71,6 +84,8 @@ def packed_dataset(config, split: str = "train", process_index: int = 0,
         raise ValueError(f"config.data.global_batch_rows={data.global_batch_rows} is not divisible by "
                          f"{process_count} hosts.")
     ds = grain.MapDataset.source(build_source(data, split))[process_index::process_count]
+    if split == "train":
+        ds = ds.repeat()  # finite sources (cached latents) run for as many epochs as training needs
     ds = ds.map(ToTokens(config)).to_iter_dataset(
         grain.ReadOptions(num_threads=data.num_threads, prefetch_buffer_size=data.prefetch))
     ds = grain_exp.BestFitPackIterDataset(

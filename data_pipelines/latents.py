@@ -1,0 +1,40 @@
+"""Reading the latent shards written by `python -m sora_jax.encode` (ArrayRecord, msgpack records)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+def shard_name(k: int, total: int) -> str:
+    """File name of shard k of `total`."""
+    return f"latents-{k:05d}-of-{total:05d}.array_record"
+
+
+class LatentShards:
+    """Random-access source over the shards of `python -m sora_jax.encode` (what the DiT pipeline reads)."""
+
+    def __init__(self, latent_dir: str):
+        import grain
+        manifest = os.path.join(latent_dir or "", "manifest.json")
+        if not latent_dir or not os.path.exists(manifest):
+            raise ValueError(f"config.data.latent_dir={latent_dir!r} has no manifest.json; run "
+                             "`python -m sora_jax.encode` first.")
+        with open(manifest) as f:
+            self.manifest = json.load(f)
+        total = self.manifest["shards"]
+        paths = [os.path.join(latent_dir, shard_name(k, total)) for k in range(total)]
+        missing = [p for p in paths if not os.path.exists(p)]
+        if missing:
+            raise ValueError(f"{len(missing)} of {total} shards are missing in {latent_dir} (e.g. {missing[0]}); "
+                             "rerun `python -m sora_jax.encode` with the same flags to finish them.")
+        self._source = grain.sources.ArrayRecordDataSource(paths)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict:
+        from flax import serialization
+        record = serialization.msgpack_restore(self._source[index])
+        return {"latent": np.asarray(record["latent"]), "caption": record["caption"], "index": int(record["index"])}
