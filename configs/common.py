@@ -1,6 +1,8 @@
 """Shared pieces of experiment configs: every field a config may set exists here with its default.
 
 ml_collections rejects overrides of fields that do not exist, so `--config.typo=1` fails loudly.
+Sequence fields are tuples, not lists: ml_collections can override tuples from the command line
+(`--config.data.frames="(1, 5, 9)"`) but not lists.
 """
 from __future__ import annotations
 
@@ -27,11 +29,11 @@ def base_config() -> ml_collections.ConfigDict:
     # "identity" (pixel space) or "vae" with checkpoint= a directory from `python -m sora_jax.convert`.
     c.autoencoder = ml_collections.ConfigDict(dict(name="identity", checkpoint=""))
     c.text = ml_collections.ConfigDict(dict(
-        tokenizer="words", vocabulary=list(procedural.VOCABULARY), encoder="tiny", width=128, depth=2,
+        tokenizer="words", vocabulary=tuple(procedural.VOCABULARY), encoder="tiny", width=128, depth=2,
         heads=4, max_len=12))
 
     c.data = ml_collections.ConfigDict(dict(
-        source="procedural", latent_dir="", seed=0, sides=list(range(16, 49, 8)), frames=list(range(1, 13)),
+        source="procedural", latent_dir="", seed=0, sides=tuple(range(16, 49, 8)), frames=tuple(range(1, 13)),
         seq_len=512, text_len=128, max_samples_per_row=16, packing_bins=64, global_batch_rows=8,
         num_threads=1, prefetch=16))
 
@@ -44,9 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Axes of size -1 take the remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
-    # (logical axis, mesh axes) pairs; an empty list means sora_jax.sharding.DEFAULT_RULES. Example:
-    # --config.logical_axis_rules='[["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["mlp", "tensor"]]'
-    c.logical_axis_rules = []
+    # (logical axis, mesh axes) pairs; empty means sora_jax.sharding.DEFAULT_RULES. Example:
+    # --config.logical_axis_rules='(("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"))'
+    c.logical_axis_rules = ()
 
     c.sample = ml_collections.ConfigDict(dict(
         steps=30, guidance=3.0, width=48, height=32, frames=8, fps=8, use_ema=True, num_prompts=8))

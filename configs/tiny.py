@@ -24,7 +24,7 @@ def get_config(arg: str | None = None):
         c.eval_batches = 1
         c.model.update(hidden=32, depth=2, heads=2)
         c.text.update(width=32, depth=1, heads=2)
-        c.data.update(sides=[16, 24, 32], frames=[1, 2, 3, 4], seq_len=128, text_len=64, packing_bins=8,
+        c.data.update(sides=(16, 24, 32), frames=(1, 2, 3, 4), seq_len=128, text_len=64, packing_bins=8,
                       max_samples_per_row=8, global_batch_rows=8)
         c.sample.update(steps=2, width=16, height=16, frames=2, num_prompts=2)
     elif arg:
