@@ -15,8 +15,10 @@ from tests.conftest import ROOT, smoke_config
 def _final_state(workdir, step):
     mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
     state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
-    data = json.load(open(os.path.join(workdir, "checkpoints", str(step), "data",
-                                       os.listdir(os.path.join(workdir, "checkpoints", str(step), "data"))[0])))
+    data_dir = os.path.join(workdir, "checkpoints", str(step), "data")
+    # The directory also holds orbax's commit_success.txt: read the iterator state file itself.
+    data = json.load(open(os.path.join(data_dir, next(f for f in sorted(os.listdir(data_dir))
+                                                      if f.startswith("process_")))))
     mngr.close()
     return state, data
 
