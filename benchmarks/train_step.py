@@ -54,15 +54,15 @@ def main(argv):
         spec = state_spec(config, mesh)
         state = init_state(config, spec)
         compiled = make_train_step(config, spec, batches[0]).lower(
-            state, sharding.host_to_global(batches[0], mesh)).compile()
+            state, sharding.host_to_global(batches[0], mesh), {}).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         step_flops = float(cost.get("flops", float("nan")))
-        state, m = compiled(state, sharding.host_to_global(batches[0], mesh))
+        state, m = compiled(state, sharding.host_to_global(batches[0], mesh), {})
         jax.block_until_ready(m)
         start, real = time.perf_counter(), 0.0
         for b in batches[1:]:
-            state, m = compiled(state, sharding.host_to_global(b, mesh))
+            state, m = compiled(state, sharding.host_to_global(b, mesh), {})
             real += float(np.sum(b["video_seg"] > 0))
         jax.block_until_ready(m)
         elapsed = time.perf_counter() - start

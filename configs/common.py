@@ -11,8 +11,8 @@ import ml_collections
 from data_pipelines import procedural
 
 
-def base_config() -> ml_collections.ConfigDict:
-    """Defaults for a text-to-video DiT trained with rectified flow on the procedural world."""
+def trainer_config() -> ml_collections.ConfigDict:
+    """The fields every task shares: steps, checkpoints, evaluation, optimizer, EMA, mesh."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 1000
@@ -22,6 +22,44 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 0  # 0: only at the start and the end
     c.eval_batches = 4
     c.distributed = False  # jax.distributed.initialize() for multi-host runs
+    c.task = "dit"  # sora_jax.tasks.TASKS: "dit" or "vae"
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-3, warmup_steps=50, b1=0.9, b2=0.99, weight_decay=0.01, grad_clip=1.0, schedule="constant"))
+    c.ema_decay = 0.999
+    # Axes of size -1 take the remaining devices.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
+    # (logical axis, mesh axes) pairs; empty means sora_jax.sharding.DEFAULT_RULES. Example:
+    # --config.logical_axis_rules='(("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"))'
+    c.logical_axis_rules = ()
+    return c
+
+
+def vae_base_config() -> ml_collections.ConfigDict:
+    """Defaults for training the 3D causal VAE (config.task = "vae") on the procedural world.
+
+    config.vae holds sora_jax.models.vae.VAEConfig's fields (the Wan 2.1 layout by default).
+    Batches mix `video_batch` clips of clip_frames x clip_height x clip_width with `image_batch` images.
+    """
+    c = trainer_config()
+    c.task = "vae"
+    c.vae = ml_collections.ConfigDict(dict(
+        in_channels=3, out_channels=3, base_dim=96, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2,
+        attn_scales=(), temporal_downsample=(False, True, True)))
+    c.data = ml_collections.ConfigDict(dict(
+        source="procedural", seed=0, sides=(48, 56, 64), clip_frames=9, clip_height=32, clip_width=48,
+        video_batch=8, image_batch=8, num_threads=2, prefetch=4))
+    # Loss weights; perceptual_weights is a local safetensors file (sora_jax/losses/perceptual.py).
+    c.loss = ml_collections.ConfigDict(dict(
+        l1=1.0, l2=0.0, kl=1e-6, perceptual=0.0, perceptual_weights="", adversarial=0.0, adv_start_step=0,
+        disc_channels=32, disc_layers=3))
+    c.export_stats_batches = 4  # training batches that measure the exported latent mean/std
+    c.ema_decay = 0.99
+    return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults for a text-to-video DiT trained with rectified flow on the procedural world."""
+    c = trainer_config()
 
     c.model = ml_collections.ConfigDict(dict(
         name="dit", hidden=128, depth=4, heads=4, mlp_ratio=4.0, patch=(1, 8, 8), dtype="float32",
@@ -32,23 +70,16 @@ def base_config() -> ml_collections.ConfigDict:
         tokenizer="words", vocabulary=tuple(procedural.VOCABULARY), encoder="tiny", width=128, depth=2,
         heads=4, max_len=12))
 
+    # source "latents" reads latent_dir (written by `python -m sora_jax.encode` from raw_source); held-out
+    # evaluation and the encoder itself read raw_source.
     c.data = ml_collections.ConfigDict(dict(
-        source="procedural", latent_dir="", seed=0, sides=tuple(range(16, 49, 8)), frames=tuple(range(1, 13)),
+        source="procedural", raw_source="procedural", latent_dir="", seed=0, sides=tuple(range(16, 49, 8)), frames=tuple(range(1, 13)),
         seq_len=512, text_len=128, max_samples_per_row=16, packing_bins=64, global_batch_rows=8,
         num_threads=1, prefetch=16))
 
     c.flow = ml_collections.ConfigDict(dict(
         logit_mean=0.0, logit_std=1.0, base_shift=1.0, shift_base_tokens=256.0, max_shift=3.0, caption_dropout=0.1,
         prediction="velocity", t_min=0.05))
-    c.optim = ml_collections.ConfigDict(dict(
-        lr=1e-3, warmup_steps=50, b1=0.9, b2=0.99, weight_decay=0.01, grad_clip=1.0, schedule="constant"))
-    c.ema_decay = 0.999
-
-    # Axes of size -1 take the remaining devices.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
-    # (logical axis, mesh axes) pairs; empty means sora_jax.sharding.DEFAULT_RULES. Example:
-    # --config.logical_axis_rules='(("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"))'
-    c.logical_axis_rules = ()
 
     c.sample = ml_collections.ConfigDict(dict(
         steps=30, guidance=3.0, width=48, height=32, frames=8, fps=8, use_ema=True, num_prompts=8))

@@ -28,19 +28,23 @@ def _procedural(data_cfg, split):
 
 
 def _latents(data_cfg, split):
-    # Cached latents are for training; held-out evaluation still renders (and encodes) the world.
-    return LatentShards(data_cfg.latent_dir) if split == "train" else _procedural(data_cfg, split)
+    # Cached latents are for training; held-out evaluation still reads (and encodes) the raw source.
+    return LatentShards(data_cfg.latent_dir) if split == "train" else build_source(data_cfg, split, raw=True)
 
 
 # Each source yields {"video" (T, H, W, 3) in [-1, 1] | "latent" (T', H', W', C), "caption", "index"}.
 SOURCES = {"procedural": _procedural, "latents": _latents}
+RAW_SOURCES = ("procedural",)  # sources of pixels, which `python -m sora_jax.encode` can cache
 
 
-def build_source(data_cfg, split: str):
-    """The random-access source named by config.data.source."""
-    if data_cfg.source not in SOURCES:
-        raise ValueError(f"config.data.source={data_cfg.source!r}; choose one of {sorted(SOURCES)}.")
-    return SOURCES[data_cfg.source](data_cfg, split)
+def build_source(data_cfg, split: str, raw: bool = False):
+    """The random-access source named by config.data.source (raw=True: config.data.raw_source, pixels)."""
+    name = data_cfg.get("raw_source", "procedural") if raw else data_cfg.source
+    allowed = RAW_SOURCES if raw else tuple(SOURCES)
+    if name not in allowed:
+        field = "raw_source" if raw else "source"
+        raise ValueError(f"config.data.{field}={name!r}; choose one of {sorted(allowed)}.")
+    return SOURCES[name](data_cfg, split)
 
 
 class ToTokens(grain.transforms.Map):

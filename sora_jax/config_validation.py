@@ -40,13 +40,32 @@ def check_video_size(config, width: int, height: int, frames: int, what: str = "
 
 
 def validate(config) -> None:
-    """Checks a training config; raises ConfigError before any compile."""
+    """Checks a training config (common fields, then its task's); raises ConfigError before any compile."""
+    from sora_jax.tasks import build_task
+    validate_common(config)
+    build_task(config).validate()
+
+
+def validate_for_mesh(config, mesh_shape: dict) -> None:
+    """Checks what depends on the device mesh (the task's batch must split over data x fsdp)."""
+    from sora_jax.tasks import build_task
+    build_task(config).validate_for_mesh(mesh_shape)
+
+
+def validate_common(config) -> None:
+    """Checks the fields every task shares: step counts, optimizer, EMA."""
     for field in ("total_steps", "checkpoint_every_steps", "log_every_steps", "eval_every_steps", "eval_batches"):
         _require(int(config[field]) >= 0, f"config.{field}={config[field]} is negative; it must be >= 0.")
     _require(config.checkpoint_every_steps > 0, "config.checkpoint_every_steps must be > 0.")
     _require(config.log_every_steps > 0, "config.log_every_steps must be > 0.")
     _require(config.keep_checkpoints > 0, "config.keep_checkpoints must be > 0.")
+    for name in ("lr", "warmup_steps", "grad_clip"):
+        _require(config.optim[name] >= 0, f"config.optim.{name}={config.optim[name]} must be >= 0.")
+    _require(0.0 <= config.ema_decay < 1.0, f"config.ema_decay={config.ema_decay} must be in [0, 1).")
 
+
+def validate_dit(config) -> None:
+    """Checks the DiT task's model, autoencoder, data, flow and sampling fields."""
     m = config.model
     _require(m.hidden % m.heads == 0, f"config.model.hidden={m.hidden} is not divisible by config.model.heads={m.heads}.")
     try:
@@ -67,6 +86,8 @@ def validate(config) -> None:
              f"config.text.width={config.text.width} is not divisible by config.text.heads={config.text.heads}.")
 
     d = config.data
+    if d.source == "latents":
+        _check_latent_cache(config)
     for side in d.sides:
         check_video_size(config, side, side, min(d.frames), what="config.data.sides: ")
     for frames in d.frames:
@@ -80,9 +101,6 @@ def validate(config) -> None:
     _require(d.global_batch_rows > 0, "config.data.global_batch_rows must be > 0.")
     _require(d.max_samples_per_row > 0, "config.data.max_samples_per_row must be > 0.")
 
-    for name in ("lr", "warmup_steps", "grad_clip"):
-        _require(config.optim[name] >= 0, f"config.optim.{name}={config.optim[name]} must be >= 0.")
-    _require(0.0 <= config.ema_decay < 1.0, f"config.ema_decay={config.ema_decay} must be in [0, 1).")
     _require(0.0 <= config.flow.caption_dropout < 1.0,
              f"config.flow.caption_dropout={config.flow.caption_dropout} must be in [0, 1).")
     _require(config.flow.prediction in ("velocity", "x0"),
@@ -93,8 +111,24 @@ def validate(config) -> None:
     check_video_size(config, s.width, s.height, s.frames, what="config.sample: ")
 
 
-def validate_for_mesh(config, mesh_shape: dict) -> None:
-    """Checks what depends on the device mesh: the batch rows must split over data x fsdp."""
+def _check_latent_cache(config) -> None:
+    """The cache must exist and have been written by the autoencoder this config decodes with."""
+    import json
+    import os
+    manifest = os.path.join(config.data.latent_dir or "", "manifest.json")
+    _require(bool(config.data.latent_dir) and os.path.exists(manifest),
+             f"config.data.source='latents' but config.data.latent_dir={config.data.latent_dir!r} has no "
+             "manifest.json; run `python -m sora_jax.encode --out=DIR` first and pass that DIR.")
+    with open(manifest) as f:
+        written_by = json.load(f).get("autoencoder")
+    _require(written_by == config.autoencoder.to_dict(),
+             f"{config.data.latent_dir} was encoded with autoencoder {written_by}, but config.autoencoder is "
+             f"{config.autoencoder.to_dict()}; latents of another autoencoder would train a DiT that decodes "
+             "garbage. Point config.autoencoder at the same checkpoint, or re-encode.")
+
+
+def validate_dit_for_mesh(config, mesh_shape: dict) -> None:
+    """The DiT's batch rows must split over data x fsdp."""
     split = mesh_shape["data"] * mesh_shape["fsdp"]
     _require(config.data.global_batch_rows % split == 0,
              f"config.data.global_batch_rows={config.data.global_batch_rows} is not divisible by the "

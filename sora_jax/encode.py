@@ -44,7 +44,7 @@ def encode_dataset(config, out: str, num_examples: int, shard_size: int, split: 
         raise ValueError(f"--num_examples={num_examples} and --shard_size={shard_size} must be positive.")
     if config.autoencoder.name == "identity":
         logging.warning("config.autoencoder.name is 'identity': caching pixels, not latents.")
-    source = build_source(config.data, split)
+    source = build_source(config.data, split, raw=True)  # pixels, whatever the DiT trains on
     ae = build_autoencoder(config.autoencoder)
     total = -(-num_examples // shard_size)
     os.makedirs(out, exist_ok=True)

@@ -33,6 +33,9 @@ DEFAULT_RULES = (
     ("vocab", None),
     ("patch", None),
     ("text_len", None),
+    # Convolutions (VAE, discriminator): output channels over fsdp, input channels whole.
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
 )
 
 _CURRENT: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar("sora_mesh", default=None)

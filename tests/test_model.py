@@ -61,8 +61,8 @@ def _one_step(config, devices, mesh_cfg):
         spec = state_spec(config, mesh)
         state = init_state(config, spec)
         step = make_train_step(config, spec, batch)
-        state, metrics = step(state, sharding.host_to_global(batch, mesh))
-        state, metrics2 = step(state, sharding.host_to_global(batch, mesh))
+        state, metrics = step(state, sharding.host_to_global(batch, mesh), {})
+        state, metrics2 = step(state, sharding.host_to_global(batch, mesh), {})
     return float(metrics["loss"]), float(metrics2["loss"]), jax.device_get(state["params"]), state
 
 

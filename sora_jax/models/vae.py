@@ -355,11 +355,12 @@ class CausalVAE(nnx.Module):
         """Latent mean (B, 1 + (T-1)/st, H/sh, W/sw, z_dim)."""
         return self.encode_moments(video)[0]
 
-    def decode(self, latent: jax.Array) -> jax.Array:
-        """Video in [-1, 1] from latents (B, T', H', W', z_dim)."""
+    def decode(self, latent: jax.Array, clip: bool = True) -> jax.Array:
+        """Video in [-1, 1] from latents (B, T', H', W', z_dim); clip=False (training) leaves the range open."""
         if latent.ndim != 5 or latent.shape[-1] != self.cfg.z_dim:
             raise ValueError(f"latent must be (B, T, H, W, {self.cfg.z_dim}); got shape {tuple(latent.shape)}.")
-        return jnp.clip(self.decoder(self.post_quant_conv(latent)), -1.0, 1.0)
+        video = self.decoder(self.post_quant_conv(latent))
+        return jnp.clip(video, -1.0, 1.0) if clip else video
 
     def encode_chunked(self, video: jax.Array | Iterable[jax.Array], chunk: int | None = None) -> jax.Array:
         """Latent mean, computed causally in chunks with frame caches; equals `encode(video)`.

@@ -2,7 +2,8 @@
 
 Re-running with the same work dir resumes from its latest checkpoint. After training, held-out prompts
 (config.sample.num_prompts of them) are sampled into WORKDIR/samples and scored by the color detector;
-the summary goes to WORKDIR/results.json.
+the summary goes to WORKDIR/results.json. What happens after training is the task's (config.task):
+the DiT samples held-out prompts, the VAE exports an autoencoder directory and reconstructions.
 """
 from __future__ import annotations
 
@@ -24,21 +25,6 @@ config_flags.DEFINE_config_file("config", None, "Config file with get_config(arg
 flags.DEFINE_string("workdir", None, "Work dir: checkpoints, metrics, samples.")
 
 
-def sample_heldout(config, workdir: str) -> dict:
-    """Samples the first config.sample.num_prompts held-out prompts and scores their colors."""
-    from data_pipelines.procedural import HELD_OUT_PROMPTS
-    from sora_jax.evaluation.color import color_accuracy
-    from sora_jax.sampling import Sampler, sample_to_dir
-
-    s = config.sample
-    prompts = list(HELD_OUT_PROMPTS[:s.num_prompts])
-    sampler = Sampler.from_workdir(workdir, s.use_ema)
-    out = os.path.join(workdir, "samples")
-    videos, paths = sample_to_dir(sampler, prompts, out, s.width, s.height, s.frames, s.steps, s.guidance,
-                                  config.seed, s.fps)
-    return {"samples_dir": out, "sample_paths": paths, **color_accuracy(videos, prompts)}
-
-
 def main(argv):
     del argv
     if FLAGS.config is None or not FLAGS.workdir:
@@ -48,16 +34,20 @@ def main(argv):
     from sora_jax.train.loop import train_and_evaluate
     try:
         summary = train_and_evaluate(config, FLAGS.workdir)
-        if summary.get("trained") and config.sample.num_prompts > 0 and jax.process_index() == 0:
-            summary.update(sample_heldout(config, FLAGS.workdir))
+        if summary.get("trained") and jax.process_index() == 0:
+            from sora_jax.tasks import build_task
+            summary.update(build_task(config).after_training(FLAGS.workdir))
     except (ConfigError, CheckpointMismatchError) as e:
         sys.exit(f"error: {e}")
     if jax.process_index() == 0 and summary.get("trained"):
         with open(os.path.join(FLAGS.workdir, "results.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        for key in ("val_loss_initial", "val_loss_ema", "val_loss_params", "color_accuracy"):
-            if key in summary:
+        for key in ("val_loss_initial", "val_loss_ema", "val_loss_params", "color_accuracy", "val_psnr_ema",
+                    "val_ssim_ema", "val_psnr_image_ema", "val_ssim_image_ema"):
+            if summary.get(key) is not None:
                 print(f"{key}: {summary[key]:.4f}")
+        if "autoencoder_dir" in summary:
+            print(f"Autoencoder for latent configs (config.autoencoder.checkpoint): {summary['autoencoder_dir']}")
         if "samples_dir" in summary:
             print(f"Samples of held-out prompts: {summary['samples_dir']}")
             print("  " + "\n  ".join(summary["sample_paths"]))

@@ -9,9 +9,9 @@ import time
 import jax
 import numpy as np
 
-from data_pipelines import pipeline
 from sora_jax import sharding
 from sora_jax.config_validation import ConfigError, validate, validate_for_mesh
+from sora_jax.tasks import build_task
 from sora_jax.train import checkpointing
 from sora_jax.train.state import count_params, init_state, state_spec
 from sora_jax.train.step import make_eval_step, make_train_step
@@ -41,13 +41,15 @@ def _check_finite(loss, step: int, workdir: str) -> None:
             f"in {workdir} is intact: lower config.optim.lr or raise config.optim.warmup_steps and resume.")
 
 
-def evaluate(eval_fn, state: dict, batches: list[dict], mesh) -> dict:
-    """Validation flow loss of params and EMA params on the fixed held-out batches."""
+def evaluate(eval_fn, state: dict, batches: list[dict], frozen, mesh) -> dict:
+    """The task's metrics of params and EMA params, averaged over the fixed held-out batches:
+    val_<metric>_params and val_<metric>_ema."""
     out = {}
     for which in ("params", "ema"):
-        losses = [float(eval_fn(state[which], sharding.host_to_global(b, mesh), np.int32(i)))
-                  for i, b in enumerate(batches)]
-        out[f"val_loss_{which}"] = float(np.mean(losses))
+        scores = jax.device_get([eval_fn(state[which], sharding.host_to_global(b, mesh), frozen, np.int32(i))
+                                 for i, b in enumerate(batches)])
+        for name in scores[0]:
+            out[f"val_{name}_{which}"] = float(np.mean([s[name] for s in scores]))
     return out
 
 
@@ -58,6 +60,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     the model before anything is compiled or written.
     """
     validate(config)
+    task = build_task(config)
     os.makedirs(workdir, exist_ok=True)
     ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
     latest = ckpt.latest_step()
@@ -68,7 +71,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         raise ConfigError(str(e)) from None
     validate_for_mesh(config, dict(mesh.shape))
     with sharding.use_mesh(mesh, rules):
-        spec = state_spec(config, mesh)
+        spec = state_spec(config, mesh, task)
         if latest is not None:
             ckpt.check_compatible(latest, spec.abstract, workdir)
             if latest >= config.total_steps:
@@ -86,7 +89,8 @@ def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
     from clu import metric_writers  # imports TensorFlow: only the training job pays for it
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    data_iter = iter(pipeline.packed_dataset(config, "train", jax.process_index(), jax.process_count()))
+    task = spec.task
+    data_iter = iter(task.train_data(jax.process_index(), jax.process_count()))
     if latest is None:
         state = init_state(config, spec)
     else:
@@ -95,17 +99,19 @@ def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
     start = int(state["step"])
     logging.info("Parameters: %d on mesh %s", count_params(state["params"]), dict(mesh.shape))
 
+    frozen = jax.device_put(task.frozen(), spec.frozen_shardings)
     first = next(data_iter)
-    train_step = make_train_step(config, spec, first).lower(state, sharding.host_to_global(first, mesh)).compile()
+    train_step = make_train_step(config, spec, first).lower(
+        state, sharding.host_to_global(first, mesh), frozen).compile()
     mem = train_step.memory_analysis()
     if mem is not None:
         logging.info("train_step memory: temp %.1f MiB, arguments %.1f MiB",
                      mem.temp_size_in_bytes / 2**20, mem.argument_size_in_bytes / 2**20)
-    eval_batches = pipeline.eval_batches(config, config.eval_batches, jax.process_index(), jax.process_count())
+    eval_batches = task.eval_data(jax.process_index(), jax.process_count())
     eval_fn = make_eval_step(config, spec, eval_batches[0])
 
     if start == 0:
-        initial = evaluate(eval_fn, state, eval_batches, mesh)
+        initial = evaluate(eval_fn, state, eval_batches, frozen, mesh)
         _append_history(workdir, {"step": 0, **initial})
         writer.write_scalars(0, initial)
 
@@ -113,24 +119,21 @@ def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
     for step in range(start, config.total_steps):
         if step > start:
             batch = next(data_iter)
-        state, metrics = train_step(state, sharding.host_to_global(batch, mesh))
-        window.append((metrics, pipeline.padding_fraction(batch)))
+        state, metrics = train_step(state, sharding.host_to_global(batch, mesh), frozen)
+        window.append((metrics, task.host_metrics(batch)))
         done = step + 1
         if done % config.log_every_steps == 0 or done == config.total_steps:
             got = jax.device_get([m for m, _ in window])
             _check_finite(got[-1]["loss"], done, workdir)
             elapsed = time.perf_counter() - t_last
-            scalars = {
-                "loss": float(np.mean([m["loss"] for m in got])),
-                "grad_norm": float(np.mean([m["grad_norm"] for m in got])),
-                "steps_per_sec": len(window) / elapsed,
-                "tokens_per_sec": float(sum(m["real_tokens"] for m in got)) / elapsed,
-                "padding_fraction": float(np.mean([p for _, p in window])),
-            }
+            scalars = {name: float(np.mean([m[name] for m in got])) for name in got[0] if name != "count"}
+            scalars.update({name: float(np.mean([h[name] for _, h in window])) for name in window[0][1]})
+            scalars["steps_per_sec"] = len(window) / elapsed
+            scalars[f"{task.throughput_unit}_per_sec"] = float(sum(m["count"] for m in got)) / elapsed
             writer.write_scalars(done, scalars)
             window, t_last = [], time.perf_counter()
         if config.eval_every_steps and done % config.eval_every_steps == 0 and done != config.total_steps:
-            scores = evaluate(eval_fn, state, eval_batches, mesh)
+            scores = evaluate(eval_fn, state, eval_batches, frozen, mesh)
             _append_history(workdir, {"step": done, **scores})
             writer.write_scalars(done, scores)
         if done % config.checkpoint_every_steps == 0 or done == config.total_steps:
@@ -140,11 +143,13 @@ def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
             ckpt.save(done, state, data_iter)
 
     summary = {"step": int(state["step"]), "trained": True}
-    final = evaluate(eval_fn, state, eval_batches, mesh)
+    final = evaluate(eval_fn, state, eval_batches, frozen, mesh)
     history = _append_history(workdir, {"step": int(state["step"]), **final})
     writer.write_scalars(int(state["step"]), final)
     summary.update(final)
-    summary["val_loss_initial"] = history[0].get("val_loss_ema") if history[0]["step"] == 0 else None
+    if history[0]["step"] == 0:
+        summary.update({f"{k}_initial": v for k, v in history[0].items() if k.endswith("_ema")})
+        summary["val_loss_initial"] = history[0].get("val_loss_ema")
     ckpt.close()
     writer.flush()
     return summary

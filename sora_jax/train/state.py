@@ -17,7 +17,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sora_jax import sharding
-from sora_jax.models import build_model
 
 
 def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
@@ -43,6 +42,12 @@ class StateSpec:
     shardings: Any
     tx: optax.GradientTransformation
     mesh: Mesh
+    task: Any
+
+    @property
+    def frozen_shardings(self):
+        """The task's frozen arrays are replicated on every device."""
+        return jax.tree.map(lambda _: NamedSharding(self.mesh, P()), self.task.frozen())
 
     @property
     def param_shardings(self):
@@ -56,9 +61,11 @@ def _logical_specs(abstract_params: nnx.State) -> Any:
                         is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
-def state_spec(config, mesh: Mesh) -> StateSpec:
+def state_spec(config, mesh: Mesh, task=None) -> StateSpec:
     """Abstract train state and shardings for `config` on `mesh` (under the active logical-axis rules)."""
-    abstract_model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(config.seed)))
+    from sora_jax.tasks import build_task
+    task = task or build_task(config)
+    abstract_model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(config.seed)))
     graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise TypeError("models may hold only nnx.Param state (no RNG or batch statistics).")
@@ -72,13 +79,13 @@ def state_spec(config, mesh: Mesh) -> StateSpec:
     shardings = {"step": replicated, "params": param_sh, "opt_state": opt_sh, "ema": param_sh}
     shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": pure, "opt_state": abstract_opt, "ema": pure}
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    return StateSpec(graphdef, abstract, shardings, tx, mesh)
+    return StateSpec(graphdef, abstract, shardings, tx, mesh, task)
 
 
 def init_state(config, spec: StateSpec) -> dict:
     """Initialises the train state directly into its shardings (jit with out_shardings)."""
     def init():
-        model = build_model(config, nnx.Rngs(config.seed))
+        model = spec.task.build_model(nnx.Rngs(config.seed))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": spec.tx.init(params),
                 "ema": jax.tree.map(jnp.copy, params)}

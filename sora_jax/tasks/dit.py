@@ -1,0 +1,66 @@
+"""The DiT task: rectified flow on NaViT-packed latent tokens of captioned videos."""
+from __future__ import annotations
+
+from data_pipelines import pipeline
+from sora_jax.config_validation import validate_dit, validate_dit_for_mesh
+from sora_jax.diffusion.flow import flow_loss
+from sora_jax.models import build_model
+
+
+class DiTTask:
+    """Trains config.model on packed batches from data_pipelines.pipeline; validation is the flow loss
+    at fixed, evenly spread timesteps and fixed noise, so it is comparable across steps and runs."""
+
+    throughput_unit = "tokens"
+
+    def __init__(self, config):
+        self.config = config
+
+    def validate(self) -> None:
+        validate_dit(self.config)
+
+    def validate_for_mesh(self, mesh_shape: dict) -> None:
+        validate_dit_for_mesh(self.config, mesh_shape)
+
+    def build_model(self, rngs):
+        return build_model(self.config, rngs)
+
+    def frozen(self):
+        return {}
+
+    def train_data(self, process_index: int, process_count: int):
+        return pipeline.packed_dataset(self.config, "train", process_index, process_count)
+
+    def eval_data(self, process_index: int, process_count: int) -> list[dict]:
+        return pipeline.eval_batches(self.config, self.config.eval_batches, process_index, process_count)
+
+    def loss(self, model, frozen, batch, key, step):
+        del frozen, step
+        loss, aux = flow_loss(model, batch, key, self.config.flow, self.config.flow.caption_dropout)
+        return loss, {"count": aux["real_tokens"]}
+
+    def eval_metrics(self, model, frozen, batch, key) -> dict:
+        del frozen
+        loss, _ = flow_loss(model, batch, key, self.config.flow, caption_dropout=0.0)
+        return {"loss": loss}
+
+    def host_metrics(self, batch: dict) -> dict:
+        return {"padding_fraction": pipeline.padding_fraction(batch)}
+
+    def after_training(self, workdir: str) -> dict:
+        """Samples the first config.sample.num_prompts held-out prompts and scores their colors."""
+        import os
+
+        from data_pipelines.procedural import HELD_OUT_PROMPTS
+        from sora_jax.evaluation.color import color_accuracy
+        from sora_jax.sampling import Sampler, sample_to_dir
+
+        s = self.config.sample
+        if s.num_prompts <= 0:
+            return {}
+        prompts = list(HELD_OUT_PROMPTS[:s.num_prompts])
+        sampler = Sampler.from_workdir(workdir, s.use_ema)
+        out = os.path.join(workdir, "samples")
+        videos, paths = sample_to_dir(sampler, prompts, out, s.width, s.height, s.frames, s.steps, s.guidance,
+                                      self.config.seed, s.fps)
+        return {"samples_dir": out, "sample_paths": paths, **color_accuracy(videos, prompts)}
