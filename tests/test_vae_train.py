@@ -251,3 +251,26 @@ def test_tiny_latent_dit_trains_on_cache_of_trained_vae(trained_vae, tmp_path):
     with av.open(mp4) as c:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
     assert len(frames) == 5 and frames[0].shape == (16, 24, 3)
+
+
+def test_full_size_vae_config_validates_and_shards_over_fsdp(tmp_path):
+    """configs/vae_wan.py: the Wan 2.1 layout, its state laid out over fsdp (abstractly: nothing allocated)."""
+    from configs import vae_wan
+    from sora_jax import sharding
+    from sora_jax.train.state import state_spec
+    config = vae_wan.get_config()
+    config.mesh.update(data=1, fsdp=8)
+    validate(config)
+    validate_for_mesh(config, {"data": 1, "fsdp": 8, "tensor": 1, "context": 1})
+    with pytest.raises(ConfigError, match="perceptual_weights='/nonexistent.safetensors' does not exist"):
+        validate(vae_wan.get_config("/nonexistent.safetensors"))
+    mesh = sharding.make_mesh(config.mesh)
+    with sharding.use_mesh(mesh, sharding.rules_from_config(config)):
+        spec = state_spec(config, mesh)
+    params = spec.abstract["params"]
+    assert sum(x.size for x in jax.tree.leaves(params["vae"])) > 100e6  # the Wan 2.1 VAE is ~127M params
+    kernel = params["vae"]["decoder"]["conv_out"]["kernel"]
+    assert kernel.shape == (3, 3, 3, 96, 3)  # 3 output channels do not split over 8: replicated
+    mid = params["vae"]["encoder"]["mid_block"]["resnets"][0]["conv1"]["kernel"]
+    assert mid.sharding.spec[-1] == "fsdp" and mid.sharding.shard_shape(mid.shape)[-1] == mid.shape[-1] // 8
+    assert "disc" in params  # the adversarial term is on in the full-size recipe
