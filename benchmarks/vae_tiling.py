@@ -1,6 +1,6 @@
 """Tiled vs whole-frame VAE on a *trained* VAE: how far spatial tiling moves latents and reconstructions.
 
-  python benchmarks/vae_tiling.py --vae=workdirs/vae_tiny/autoencoder_step1500 [--size=128x192 --frames=9]
+  python benchmarks/vae_tiling.py --vae=workdirs/vae_tiny/autoencoder_step3000 [--size=128x192 --frames=9]
 
 Renders held-out procedural videos larger than the training crops, encodes and decodes them whole and
 in overlapping tiles, and reports the latents' mean relative difference and the PSNR of tiled against

@@ -2,11 +2,11 @@
 # The latent pipeline on CPU, end to end: train the tiny VAE (configs/vae_tiny.py), cache latents of the
 # procedural world with it (python -m sora_jax.encode), train the DiT on the cache (configs/tiny_latent.py)
 # and sample held-out prompts, decoded by the VAE. Each stage resumes / skips finished work when rerun.
-#   VAE_STEPS=1500 DIT_STEPS=1000 NUM_EXAMPLES=8192 bash launch/latent_quickstart.sh
+#   VAE_STEPS=3000 DIT_STEPS=1000 NUM_EXAMPLES=8192 bash launch/latent_quickstart.sh
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 ROOT=${ROOT:-workdirs}
-VAE_STEPS=${VAE_STEPS:-1500}
+VAE_STEPS=${VAE_STEPS:-3000}
 DIT_STEPS=${DIT_STEPS:-1000}
 NUM_EXAMPLES=${NUM_EXAMPLES:-8192}
 
