@@ -33,7 +33,6 @@ def get_config(arg: str | None = None):
         c.vae.update(base_dim=4, z_dim=4, dim_mult=(1, 2, 2, 2))
         c.data.update(sides=(16, 24), clip_frames=5, clip_height=16, clip_width=16, video_batch=4, image_batch=4,
                       num_threads=1, prefetch=1)
-        c.mesh.update(data=2, fsdp=2, tensor=2)
     elif arg:
         raise ValueError(f"configs/vae_tiny.py: unknown variant {arg!r}; use no argument or 'smoke'.")
     return c

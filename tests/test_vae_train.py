@@ -18,7 +18,9 @@ from sora_jax.train.loop import train_and_evaluate
 
 
 def _smoke(**overrides):
+    """The smoke VAE config on the (data 2, fsdp 2, tensor 2) mesh of the 8 test devices, with dotted overrides."""
     config = vae_tiny.get_config("smoke")
+    config.mesh.update(data=2, fsdp=2, tensor=2)
     for key, value in overrides.items():
         target = config
         *parents, leaf = key.split(".")
