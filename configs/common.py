@@ -84,3 +84,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict(dict(
         steps=30, guidance=3.0, width=48, height=32, frames=8, fps=8, use_ema=True, num_prompts=8))
     return c
+
+
+def shrink_dit_for_smoke(c: ml_collections.ConfigDict) -> None:
+    """The few-step, narrow-model settings DiT smoke variants share (they set their own data sizes)."""
+    c.total_steps = 4
+    c.checkpoint_every_steps = 2
+    c.log_every_steps = 2
+    c.eval_batches = 1
+    c.model.update(hidden=32, depth=2, heads=2)
+    c.text.update(width=32, depth=1, heads=2)

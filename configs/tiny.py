@@ -5,7 +5,7 @@ Run (trains, then samples held-out prompts into WORKDIR/samples):
 
 Variants: `--config=configs/tiny.py:smoke` is a seconds-long run for tests.
 """
-from configs.common import base_config
+from configs.common import base_config, shrink_dit_for_smoke
 
 
 def get_config(arg: str | None = None):
@@ -18,12 +18,7 @@ def get_config(arg: str | None = None):
     # ...and spend more training time at high noise, where pixel-space layout is decided.
     c.flow.update(base_shift=4.0, max_shift=8.0)
     if arg == "smoke":
-        c.total_steps = 4
-        c.checkpoint_every_steps = 2
-        c.log_every_steps = 2
-        c.eval_batches = 1
-        c.model.update(hidden=32, depth=2, heads=2)
-        c.text.update(width=32, depth=1, heads=2)
+        shrink_dit_for_smoke(c)
         c.data.update(sides=(16, 24, 32), frames=(1, 2, 3, 4), seq_len=128, text_len=64, packing_bins=8,
                       max_samples_per_row=8, global_batch_rows=8)
         c.sample.update(steps=2, width=16, height=16, frames=2, num_prompts=2)

@@ -11,7 +11,7 @@ or by hand, with AE = the VAE run's WORKDIR/autoencoder_step<N>:
 Latents are 4x8x8 compressed (1 + 4k frames; sides multiples of 8), so one latent voxel is one token.
 Variants: `:smoke` is a seconds-long run for tests.
 """
-from configs.common import base_config
+from configs.common import base_config, shrink_dit_for_smoke
 
 
 def get_config(arg: str | None = None):
@@ -26,12 +26,7 @@ def get_config(arg: str | None = None):
     c.flow.update(prediction="velocity", base_shift=1.0, max_shift=3.0, shift_base_tokens=64.0)
     c.sample.update(width=48, height=32, frames=9)
     if arg == "smoke":
-        c.total_steps = 4
-        c.checkpoint_every_steps = 2
-        c.log_every_steps = 2
-        c.eval_batches = 1
-        c.model.update(hidden=32, depth=2, heads=2)
-        c.text.update(width=32, depth=1, heads=2)
+        shrink_dit_for_smoke(c)
         c.data.update(sides=(16, 24), frames=(1, 5), seq_len=64, text_len=64, packing_bins=8, max_samples_per_row=8)
         c.sample.update(steps=2, width=24, height=16, frames=5, num_prompts=2)
     elif arg:

@@ -29,7 +29,11 @@ def pytest_collection_modifyitems(config, items):
 def smoke_config(**overrides):
     """The seconds-long tiny config, with dotted overrides."""
     from configs import tiny
-    config = tiny.get_config("smoke")
+    return with_overrides(tiny.get_config("smoke"), **overrides)
+
+
+def with_overrides(config, **overrides):
+    """Sets dotted fields, e.g. with_overrides(c, **{"data.sides": (16,)}); returns the config."""
     for key, value in overrides.items():
         target = config
         *parents, leaf = key.split(".")

@@ -15,19 +15,14 @@ from sora_jax.evaluation.reconstruction import psnr, ssim
 from sora_jax.losses.perceptual import VGG16_STAGES, load_perceptual_weights, perceptual_distance
 from sora_jax.tasks.vae import VAETask
 from sora_jax.train.loop import train_and_evaluate
+from tests.conftest import with_overrides
 
 
 def _smoke(**overrides):
     """The smoke VAE config on the (data 2, fsdp 2, tensor 2) mesh of the 8 test devices, with dotted overrides."""
     config = vae_tiny.get_config("smoke")
     config.mesh.update(data=2, fsdp=2, tensor=2)
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return config
+    return with_overrides(config, **overrides)
 
 
 @pytest.fixture(scope="module")
