@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import math
 
-from sora_jax.layers.attention import ATTENTION_BACKENDS
+from sora_jax.layers.attention import BACKEND_CHOICES
 from sora_jax.layers.common import DTYPES
 from sora_jax.layers.rope import split_pairs
 from sora_jax.models.autoencoder import AUTOENCODERS, build_autoencoder
+from sora_jax.models.dit import REMAT_POLICIES
 
 
 class ConfigError(ValueError):
@@ -62,6 +63,8 @@ def validate_common(config) -> None:
     for name in ("lr", "warmup_steps", "grad_clip"):
         _require(config.optim[name] >= 0, f"config.optim.{name}={config.optim[name]} must be >= 0.")
     _require(0.0 <= config.ema_decay < 1.0, f"config.ema_decay={config.ema_decay} must be in [0, 1).")
+    _require(config.optim.get("mu_dtype", "float32") in ("float32", "bfloat16"),
+             f"config.optim.mu_dtype={config.optim.get('mu_dtype')!r}; choose 'float32' or 'bfloat16'.")
 
 
 def validate_dit(config) -> None:
@@ -72,9 +75,13 @@ def validate_dit(config) -> None:
         split_pairs(m.hidden // m.heads)
     except ValueError as e:
         raise ConfigError(f"config.model: {e}") from None
-    _require(m.attention in ATTENTION_BACKENDS,
-             f"config.model.attention={m.attention!r}; choose one of {sorted(ATTENTION_BACKENDS)}.")
-    _require(m.dtype in DTYPES, f"config.model.dtype={m.dtype!r}; choose one of {sorted(DTYPES)}.")
+    _require(m.attention in BACKEND_CHOICES,
+             f"config.model.attention={m.attention!r}; choose one of {BACKEND_CHOICES}.")
+    _require(m.attention_block > 0 and m.attention_block % 8 == 0,
+             f"config.model.attention_block={m.attention_block} must be a positive multiple of 8.")
+    for field in ("dtype", "param_dtype"):
+        _require(m[field] in DTYPES, f"config.model.{field}={m[field]!r}; choose one of {sorted(DTYPES)}.")
+    _require(m.remat in REMAT_POLICIES, f"config.model.remat={m.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
     _require(len(m.patch) == 3 and min(m.patch) > 0, f"config.model.patch={m.patch} must be 3 positive ints (t, h, w).")
     _require(config.autoencoder.name in AUTOENCODERS,
              f"config.autoencoder.name={config.autoencoder.name!r}; choose one of {sorted(AUTOENCODERS)}.")

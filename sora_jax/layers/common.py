@@ -24,12 +24,15 @@ def dense(din: int, dout: int, axes: tuple[str | None, str | None], *, rngs: nnx
 
 
 def norm(dim: int, *, rngs: nnx.Rngs, affine: bool = True, eps: float = 1e-6, kind: str = "layer",
-         axis: str = "embed") -> nnx.Module:
-    """LayerNorm or RMSNorm over the last axis; `affine=False` for adaLN, where modulation scales."""
+         axis: str = "embed", dtype=None, param_dtype=jnp.float32) -> nnx.Module:
+    """LayerNorm or RMSNorm over the last axis; `affine=False` for adaLN, where modulation scales.
+
+    The statistics are computed in float32 whatever `dtype` is; `dtype` (None: the input's) is the output's.
+    """
+    kw = dict(epsilon=eps, use_scale=affine, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     if kind == "rms":
-        return nnx.RMSNorm(dim, epsilon=eps, use_scale=affine, rngs=rngs,
-                           scale_init=nnx.with_partitioning(nnx.initializers.ones, (axis,)))
-    return nnx.LayerNorm(dim, epsilon=eps, use_scale=affine, use_bias=affine, rngs=rngs,
+        return nnx.RMSNorm(dim, **kw, scale_init=nnx.with_partitioning(nnx.initializers.ones, (axis,)))
+    return nnx.LayerNorm(dim, use_bias=affine, **kw,
                          scale_init=nnx.with_partitioning(nnx.initializers.ones, (axis,)),
                          bias_init=nnx.with_partitioning(nnx.initializers.zeros, (axis,)))
 
@@ -37,9 +40,9 @@ def norm(dim: int, *, rngs: nnx.Rngs, affine: bool = True, eps: float = 1e-6, ki
 class MLP(nnx.Module):
     """GELU(tanh) feed-forward: embed -> mlp -> embed."""
 
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.fc1 = dense(dim, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
-        self.fc2 = dense(hidden, dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.fc1 = dense(dim, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc2 = dense(hidden, dim, ("mlp", "embed"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))

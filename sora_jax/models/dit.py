@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sora_jax import sharding
-from sora_jax.layers.attention import Attention, segment_mask
+from sora_jax.layers.attention import Attention
 from sora_jax.layers.common import DTYPES, MLP, dense, gather_segments, norm, timestep_embedding
 from sora_jax.layers.rope import rope_angles
 from sora_jax.models.text import build_text_encoder
@@ -47,24 +47,45 @@ def modulate(x, shift, scale):
 
 
 class DiTBlock(nnx.Module):
-    """Self-attention, cross-attention and MLP with adaLN-Zero modulation."""
+    """Self-attention, cross-attention and MLP with adaLN-Zero modulation.
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, *, rngs: nnx.Rngs, backend: str, dtype):
+    The residual stream stays in float32 (the modulation is float32); every matmul and the attention
+    kernels run in the compute dtype, which each layer casts its inputs to.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, *, rngs: nnx.Rngs, backend: str, block: int,
+                 dtype, param_dtype):
+        kw = dict(rngs=rngs, backend=backend, block=block, dtype=dtype, param_dtype=param_dtype)
         self.norm1 = norm(dim, rngs=rngs, affine=False)
-        self.attn = Attention(dim, heads, rngs=rngs, backend=backend, dtype=dtype)
-        self.norm_cross = norm(dim, rngs=rngs)
-        self.cross = Attention(dim, heads, rngs=rngs, backend=backend, dtype=dtype)
+        self.attn = Attention(dim, heads, **kw)
+        self.norm_cross = norm(dim, rngs=rngs, param_dtype=param_dtype)
+        self.cross = Attention(dim, heads, **kw)
         self.norm2 = norm(dim, rngs=rngs, affine=False)
-        self.mlp = MLP(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype)
-        self.table = nnx.Param(jnp.zeros((6, dim)), out_sharding=(None, "embed"))
+        self.mlp = MLP(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.table = nnx.Param(jnp.zeros((6, dim), param_dtype), out_sharding=(None, "embed"))
 
-    def __call__(self, x, mod, rope, self_mask, cross_mask, context):
+    def __call__(self, x, mod, rope, segments, context, text_segments):
         mod = mod + self.table[...].reshape(-1)
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), self_mask, rope=rope)
-        x = x + self.cross(self.norm_cross(x), cross_mask, context=context)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), segments, rope=rope)
+        x = x + self.cross(self.norm_cross(x), segments, context=context, context_segments=text_segments)
         x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return sharding.constrain(x, ("batch", "length", "act_embed"))
+
+
+# What a block keeps for the backward pass (config.model.remat). "save_dots" keeps the weight matmuls'
+# outputs and recomputes the rest (attention included, which the blockwise/fused kernels recompute
+# anyway); "offload_dots" moves those outputs to host memory instead (GPU/TPU).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
+
+
+def _run_block(block, x, mod, rope, segments, context, text_segments):
+    return block(x, mod, rope, segments, context, text_segments)
 
 
 class DiT(nnx.Module):
@@ -72,10 +93,15 @@ class DiT(nnx.Module):
 
     def __init__(self, model_cfg, text_cfg, patch_dim: int, vocab_size: int, *, rngs: nnx.Rngs):
         dim, dtype = model_cfg.hidden, DTYPES[model_cfg.dtype]
-        backend = model_cfg.attention
+        param_dtype = DTYPES[model_cfg.get("param_dtype", "float32")]
+        backend, block = model_cfg.attention, model_cfg.get("attention_block", 128)
         self.hidden, self.heads, self.rope_theta = dim, model_cfg.heads, model_cfg.rope_theta
+        self.remat, self.scan_layers = model_cfg.get("remat", "none"), model_cfg.get("scan_layers", False)
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"config.model.remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
         self.patch_embed = dense(patch_dim, dim, ("patch", "embed"), rngs=rngs, dtype=dtype)
-        self.text_encoder = build_text_encoder(text_cfg, vocab_size, rngs=rngs, backend=backend)
+        self.text_encoder = build_text_encoder(text_cfg, vocab_size, rngs=rngs, backend=backend, block=block,
+                                               dtype=dtype)
         self.text_proj = dense(self.text_encoder.out_dim, dim, (None, "embed"), rngs=rngs, dtype=dtype)
         self.null_text = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (dim,)), out_sharding=("embed",))
         self.t_mlp1 = dense(256, dim, (None, "embed"), rngs=rngs)
@@ -85,9 +111,15 @@ class DiT(nnx.Module):
         # does): a per-sample global signal that global attributes such as color are learned from fast.
         self.pooled_text = (dense(dim, dim, ("embed", None), rngs=rngs, zero_init=True)
                             if model_cfg.pooled_text else None)
-        self.blocks = nnx.List([
-            DiTBlock(dim, model_cfg.heads, model_cfg.mlp_ratio, rngs=rngs, backend=backend, dtype=dtype)
-            for _ in range(model_cfg.depth)])
+        make = lambda r: DiTBlock(dim, model_cfg.heads, model_cfg.mlp_ratio, rngs=r, backend=backend,  # noqa: E731
+                                  block=block, dtype=dtype, param_dtype=param_dtype)
+        if self.scan_layers:
+            # One stacked set of block parameters (leading "layers" axis), run by nnx.scan: the block is
+            # traced and compiled once, whatever the depth.
+            self.blocks = nnx.vmap(make, in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})(
+                rngs.fork().split(model_cfg.depth))
+        else:
+            self.blocks = nnx.List([make(rngs) for _ in range(model_cfg.depth)])
         self.final_norm = norm(dim, rngs=rngs, affine=False)
         self.final_mod = dense(dim, 2 * dim, ("embed", "mlp"), rngs=rngs, zero_init=True)
         self.final = dense(dim, patch_dim, ("embed", "patch"), rngs=rngs, zero_init=True, dtype=dtype)
@@ -104,6 +136,22 @@ class DiT(nnx.Module):
         total = jnp.einsum("bls,bld->bsd", onehot, context)
         return total / jnp.maximum(onehot.sum(1)[..., None], 1.0)
 
+    def run_blocks(self, x, args):
+        """All blocks over x, with the configured remat policy, looped in Python or scanned."""
+        step = _run_block
+        if self.remat != "none":
+            step = nnx.remat(_run_block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+        if not self.scan_layers:
+            for block in self.blocks:
+                x = step(block, x, *args)
+            return x
+
+        @nnx.scan(in_axes=(0, nnx.Carry) + (None,) * len(args), out_axes=nnx.Carry,
+                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def scan_fn(block, carry, *rest):
+            return step(block, carry, *rest)
+        return scan_fn(self.blocks, x, *args)
+
     def __call__(self, inputs: PackedInputs) -> jax.Array:
         x = self.patch_embed(inputs.tokens)
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
@@ -116,9 +164,6 @@ class DiT(nnx.Module):
         final_mod = gather_segments(self.final_mod(jax.nn.silu(temb)), inputs.segments)
 
         rope = rope_angles(inputs.positions, self.hidden // self.heads, self.rope_theta)
-        self_mask = segment_mask(inputs.segments, inputs.segments)
-        cross_mask = segment_mask(inputs.segments, inputs.text_segments)
-        for block in self.blocks:
-            x = block(x, mod, rope, self_mask, cross_mask, context)
+        x = self.run_blocks(x, (mod, rope, inputs.segments, context, inputs.text_segments))
         shift, scale = jnp.split(final_mod, 2, axis=-1)
         return self.final(modulate(self.final_norm(x), shift, scale)).astype(jnp.float32)

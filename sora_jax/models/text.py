@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sora_jax.layers.attention import Attention, segment_mask
+from sora_jax.layers.attention import Attention
 from sora_jax.layers.common import MLP, norm
 
 PAD, UNK, BOS = 0, 1, 2
@@ -61,14 +61,14 @@ def build_tokenizer(text_cfg) -> Tokenizer:
 
 
 class _EncoderLayer(nnx.Module):
-    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, backend: str):
+    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, backend: str, block: int, dtype):
         self.norm1 = norm(dim, rngs=rngs)
-        self.attn = Attention(dim, heads, rngs=rngs, backend=backend)
+        self.attn = Attention(dim, heads, rngs=rngs, backend=backend, block=block, dtype=dtype)
         self.norm2 = norm(dim, rngs=rngs)
-        self.mlp = MLP(dim, 4 * dim, rngs=rngs)
+        self.mlp = MLP(dim, 4 * dim, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x, mask):
-        x = x + self.attn(self.norm1(x), mask)
+    def __call__(self, x, segments):
+        x = x + self.attn(self.norm1(x), segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -76,28 +76,30 @@ class TinyTextEncoder(nnx.Module):
     """A small trainable transformer encoder with learned absolute positions (per caption)."""
 
     def __init__(self, vocab_size: int, dim: int, depth: int, heads: int, max_len: int, *,
-                 rngs: nnx.Rngs, backend: str = "xla"):
+                 rngs: nnx.Rngs, backend: str = "xla", block: int = 128, dtype=jnp.float32):
         self.out_dim, self.max_len = dim, max_len
         self.embed = nnx.Embed(vocab_size, dim, rngs=rngs, embedding_init=nnx.with_partitioning(
             nnx.initializers.normal(0.02), ("vocab", "embed")))
         self.pos = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (max_len, dim)), out_sharding=(None, "embed"))
-        self.layers = nnx.List([_EncoderLayer(dim, heads, rngs=rngs, backend=backend) for _ in range(depth)])
+        self.layers = nnx.List([_EncoderLayer(dim, heads, rngs=rngs, backend=backend, block=block, dtype=dtype)
+                                for _ in range(depth)])
         self.final_norm = norm(dim, rngs=rngs)
 
     def __call__(self, ids: jax.Array, segments: jax.Array, positions: jax.Array) -> jax.Array:
         x = self.embed(ids) + jnp.take(self.pos[...], jnp.clip(positions, 0, self.max_len - 1), axis=0)
-        mask = segment_mask(segments, segments)
         for layer in self.layers:
-            x = layer(x, mask)
+            x = layer(x, segments)
         return self.final_norm(x)
 
 
 TEXT_ENCODERS = {"tiny": TinyTextEncoder}
 
 
-def build_text_encoder(text_cfg, vocab_size: int, *, rngs: nnx.Rngs, backend: str) -> nnx.Module:
-    """The encoder named by config.text.encoder."""
+def build_text_encoder(text_cfg, vocab_size: int, *, rngs: nnx.Rngs, backend: str, block: int = 128,
+                       dtype=jnp.float32) -> nnx.Module:
+    """The encoder named by config.text.encoder, computing in `dtype` with attention `backend`."""
     if text_cfg.encoder not in TEXT_ENCODERS:
         raise ValueError(f"config.text.encoder={text_cfg.encoder!r}; choose one of {sorted(TEXT_ENCODERS)}.")
     return TEXT_ENCODERS[text_cfg.encoder](
-        vocab_size, text_cfg.width, text_cfg.depth, text_cfg.heads, text_cfg.max_len, rngs=rngs, backend=backend)
+        vocab_size, text_cfg.width, text_cfg.depth, text_cfg.heads, text_cfg.max_len, rngs=rngs, backend=backend,
+        block=block, dtype=dtype)

@@ -20,7 +20,10 @@ from sora_jax import sharding
 
 
 def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with linear warmup, then constant or cosine decay, after global-norm clipping."""
+    """AdamW with linear warmup, then constant or cosine decay, after global-norm clipping.
+
+    The second moment is always float32; the first may be bfloat16 (config.optim.mu_dtype).
+    """
     warmup = max(int(optim_cfg.warmup_steps), 1)
     if optim_cfg.schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(0.0, optim_cfg.lr, warmup, max(total_steps, warmup + 1))
@@ -31,7 +34,8 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
         raise ValueError(f"config.optim.schedule={optim_cfg.schedule!r}; choose 'constant' or 'cosine'.")
     return optax.chain(
         optax.clip_by_global_norm(optim_cfg.grad_clip) if optim_cfg.grad_clip > 0 else optax.identity(),
-        optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, weight_decay=optim_cfg.weight_decay))
+        optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, weight_decay=optim_cfg.weight_decay,
+                    mu_dtype=jnp.dtype(optim_cfg.get("mu_dtype", "float32"))))
 
 
 @dataclasses.dataclass
@@ -70,7 +74,10 @@ def state_spec(config, mesh: Mesh, task=None) -> StateSpec:
     if jax.tree.leaves(rest):
         raise TypeError("models may hold only nnx.Param state (no RNG or batch statistics).")
     pure = nnx.to_pure_dict(abstract_params)
-    param_sh = sharding.param_shardings(_logical_specs(abstract_params), pure, mesh, sharding.current_rules())
+    logical, rules = sharding.logical_axes(abstract_params), sharding.current_rules()
+    param_sh = sharding.param_shardings(logical, pure, mesh, rules)
+    sharding.assert_params_sufficiently_sharded(logical, pure, mesh, config.get("param_sharding_tolerance", 0.02),
+                                                rules)
     tx = make_optimizer(config.optim, config.total_steps)
     abstract_opt = jax.eval_shape(tx.init, pure)
     replicated = NamedSharding(mesh, P())
