@@ -68,7 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict(dict(
         name="dit", hidden=128, depth=4, heads=4, mlp_ratio=4.0, patch=(1, 8, 8), dtype="float32",
-        param_dtype="float32", attention="xla", attention_block=128, rope_theta=10000.0, pooled_text=True,
+        param_dtype="float32", attention="auto", attention_block=128, rope_theta=10000.0, pooled_text=True,
+        # attention "auto": blockwise on CPU, cudnn on GPU (bf16/f16; blockwise for f32), splash on TPU.
         # Memory: remat "none" | "full" | "save_dots" | "offload_dots" (host offload where the platform has
         # it); scan_layers stacks the blocks' parameters and runs them with nnx.scan (one compiled block).
         remat="none", scan_layers=False))

@@ -105,6 +105,8 @@ def test_unknown_backend_and_auto_resolution():
     assert attention.resolve_backend("auto", "cpu") == "blockwise"
     assert attention.resolve_backend("auto", "gpu") == "cudnn"
     assert attention.resolve_backend("auto", "tpu") == "splash"
+    assert attention.resolve_backend("auto", "gpu", jnp.bfloat16) == "cudnn"
+    assert attention.resolve_backend("auto", "gpu", jnp.float32) == "blockwise"  # cuDNN has no f32 kernel
 
 
 def _randomised_model(config):
@@ -175,7 +177,7 @@ def test_bfloat16_model_hands_only_bfloat16_to_the_kernel(monkeypatch):
         return xla_attention(q, k, v, qs, ks)
 
     monkeypatch.setitem(attention.ATTENTION_BACKENDS, "xla", checking)
-    config = smoke_config(**{"model.dtype": "bfloat16"})
+    config = smoke_config(**{"model.dtype": "bfloat16", "model.attention": "xla"})
     batch = dict(next(iter(pipeline.packed_dataset(config))))
     t = np.full(batch["info"].shape[:2], 0.5, np.float32)
     out = _run(build_model(config, nnx.Rngs(0)), batch, t, np.zeros(t.shape, bool))

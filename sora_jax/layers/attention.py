@@ -57,11 +57,17 @@ AUTO_BACKEND = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash", "cpu": "blockw
 BACKEND_CHOICES = tuple(sorted(ATTENTION_BACKENDS)) + ("auto",)
 
 
-def resolve_backend(name: str, platform: str | None = None) -> str:
-    """The registered backend for `name`; "auto" maps the platform (default: jax's) through AUTO_BACKEND."""
+def resolve_backend(name: str, platform: str | None = None, dtype=None) -> str:
+    """The registered backend for `name`; "auto" maps the platform (default: jax's) through AUTO_BACKEND.
+
+    cuDNN's flash kernels have no float32 variant, so "auto" on a GPU with float32 inputs is `blockwise`.
+    """
     if name == "auto":
         platform = platform or jax.default_backend()
-        return AUTO_BACKEND.get(platform, "blockwise")
+        chosen = AUTO_BACKEND.get(platform, "blockwise")
+        if chosen == "cudnn" and dtype is not None and jnp.dtype(dtype) == jnp.float32:
+            return "blockwise"
+        return chosen
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKEND_CHOICES}.")
     return name
@@ -72,7 +78,7 @@ def attend(q, k, v, q_segments, kv_segments, backend: str, block: int = 128):
 
     Under an active mesh (sharding.use_mesh) the backend runs per shard; see `shard_attention`.
     """
-    fn = functools.partial(ATTENTION_BACKENDS[resolve_backend(backend)], block=block)
+    fn = functools.partial(ATTENTION_BACKENDS[resolve_backend(backend, dtype=q.dtype)], block=block)
     return shard_attention(fn, q, k, v, q_segments.astype(jnp.int32), kv_segments.astype(jnp.int32))
 
 

@@ -3,7 +3,8 @@
 An autoencoder has `channels` (latent channels), `stride` (t, h, w compression), `encode(video)` and
 `decode(latent)`, both channels-last (B, T, H, W, C) with pixel values in [-1, 1], and
 `latent_shape(frames, height, width)`, which raises ValueError for a size it cannot represent. The
-identity autoencoder serves pixel-space configs; "vae" loads a CausalVAE checkpoint written by
+identity autoencoder serves pixel-space configs; "latent" is a VAE latent space by shape only (no
+weights: for compiling and sizing latent models); "vae" loads a CausalVAE checkpoint written by
 `python -m sora_jax.convert` (or by VAE training) and works in its normalised latent space.
 """
 from __future__ import annotations
@@ -86,7 +87,30 @@ class VAEAutoencoder:
         return jnp.concatenate(list(vae.decode_chunked(vae.denormalize(jnp.asarray(latent)))), axis=1)
 
 
-AUTOENCODERS = {"identity": lambda ae_cfg: IdentityAutoencoder(), "vae": lambda ae_cfg: VAEAutoencoder(ae_cfg.get("checkpoint"))}
+class LatentSpace:
+    """A causal VAE's latent space by its shape alone (config.autoencoder.channels and .stride), no weights.
+
+    Enough to build, shard and compile a latent DiT (sora_jax.aot, memory benchmarks) without a VAE
+    checkpoint on the machine; encoding or decoding asks for one.
+    """
+
+    def __init__(self, channels: int, stride):
+        self.channels, self.stride = int(channels), tuple(int(s) for s in stride)
+
+    latent_shape = VAEAutoencoder.latent_shape
+
+    def encode(self, video):
+        raise ValueError("config.autoencoder.name='latent' describes the latent space only; to encode or decode "
+                         "set --config.autoencoder.name=vae --config.autoencoder.checkpoint=DIR.")
+
+    decode = encode
+
+
+AUTOENCODERS = {
+    "identity": lambda ae_cfg: IdentityAutoencoder(),
+    "vae": lambda ae_cfg: VAEAutoencoder(ae_cfg.get("checkpoint")),
+    "latent": lambda ae_cfg: LatentSpace(ae_cfg.get("channels", 16), ae_cfg.get("stride", (4, 8, 8))),
+}
 
 
 def build_autoencoder(ae_cfg) -> Autoencoder:
