@@ -65,6 +65,8 @@ flags.DEFINE_boolean("scan_layers", None, "Our config.model.scan_layers (default
 flags.DEFINE_boolean("compile", False, "torch.compile the peer.")
 flags.DEFINE_boolean("peer_match_step", True, "The peer also clips gradients and keeps an EMA, as ours does.")
 flags.DEFINE_enum("only", "both", ["both", "ours", "peer"], "Measure one side only (e.g. when both do not fit).")
+flags.DEFINE_integer("cpu_threads", 0, "If > 0, both frameworks' CPU thread count (on a shared CPU, 1 keeps torch's "
+                     "OpenMP barriers from waiting on a descheduled thread); 0 leaves each its default.")
 flags.DEFINE_integer("rounds", 5, "Alternating timed rounds.")
 flags.DEFINE_integer("steps", 2, "Steps per model per round.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps per model before timing (the first compiles).")
@@ -416,10 +418,19 @@ def print_table(results: dict, peak: dict) -> None:
           + ", ".join(f"{k} {v:.3f}" for k, v in peak["measured_matmul_tflops"].items()))
 
 
+def limit_cpu_threads(n: int) -> None:
+    """Runs both frameworks' CPU work on n threads; must precede jax's first backend use."""
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                               f" intra_op_parallelism_threads={n}").strip()
+    torch.set_num_threads(n)
+
+
 def main(argv):
     del argv
     import tempfile
 
+    if FLAGS.cpu_threads > 0:
+        limit_cpu_threads(FLAGS.cpu_threads)
     sizes = sizes_from_flags()
     on_gpu = jax.default_backend() == "gpu"
     compute_dtype = FLAGS.dtype if FLAGS.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
@@ -447,7 +458,7 @@ def main(argv):
                    or "cpu", "host_cpus": os.cpu_count()},
         "versions": {"jax": jax.__version__, "torch": torch.__version__},
         "sizes": {**dataclasses.asdict(sizes), "hidden": sizes.hidden, "tokens_per_row": sizes.tokens_per_row},
-        "compute_dtype": compute_dtype, "rounds": FLAGS.rounds, "steps_per_round": FLAGS.steps,
+        "compute_dtype": compute_dtype, "cpu_threads": FLAGS.cpu_threads or None, "rounds": FLAGS.rounds, "steps_per_round": FLAGS.steps,
         "peak": peak, **results,
     }
     if len(results) == 2:

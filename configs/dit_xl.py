@@ -43,7 +43,7 @@ def get_config(arg: str | None = None):
     c.text.update(width=512, depth=4, heads=8, max_len=32)
     # Token grids: sides multiple of 16 (stride 8 x patch 2), 1 + 4k frames; the largest is 7,168 tokens.
     c.data.update(source="latents", sides=(128, 192, 256, 320, 384, 512), frames=(1, 5, 9, 13, 17, 21, 25),
-                  seq_len=8192, text_len=512, max_samples_per_row=32, packing_bins=64, global_batch_rows=2,
+                  seq_len=8192, text_len=512, max_samples_per_row=16, packing_bins=64, global_batch_rows=2,
                   num_threads=8, prefetch=4)
     # One device: nothing to shard. On N devices the -1 axis becomes fsdp, so the state splits N ways.
     c.mesh.update(data=1, fsdp=-1)

@@ -16,7 +16,7 @@ from conftest import ROOT, with_overrides
 
 def _smoke(**overrides):
     from configs import dit_xl
-    return with_overrides(dit_xl.get_config("smoke"), **{"model.scan_layers": False, **overrides})
+    return with_overrides(dit_xl.get_config("smoke"), **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def _aot_cli(tmp_path, *args):
 
 def test_cli_cpu2_writes_json(tmp_path):
     out = tmp_path / "aot.json"
-    r = _aot_cli(tmp_path, "--topology=cpu:2", f"--json={out}", "--hbm_gib=16", "--config.model.remat=full", "--config.model.scan_layers=False")
+    r = _aot_cli(tmp_path, "--topology=cpu:2", f"--json={out}", "--hbm_gib=16", "--config.model.remat=full")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "per-device memory" in r.stdout and "fits" in r.stdout
     report = json.loads(out.read_text())
@@ -126,4 +126,5 @@ def test_tpu_topology_compiles():
     report = aot.compile_train_step(_smoke(), "v5p-8", hbm_gib=None)
     assert report["tpu_topology"] == "v5p:2x2x1" and report["num_devices"] == 4
     assert report["device_kind"].startswith("TPU v5") and report["hbm_gib"] == 95.0
+    assert report["model"]["attention"] == "splash"  # "auto" on a TPU target
     assert report["memory"]["temporaries"] > 0 and report["fits"] is True

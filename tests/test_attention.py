@@ -168,8 +168,9 @@ def test_packed_row_equals_every_sample_alone(backend):
                                    err_msg=f"sample {sid} of row {row}")
 
 
-def test_bfloat16_model_hands_only_bfloat16_to_the_kernel(monkeypatch):
-    """No float32 operand reaches the attention kernel of a bfloat16 model (the cudnn crash)."""
+@pytest.mark.parametrize("scan", [False, True])
+def test_bfloat16_model_hands_only_bfloat16_to_the_kernel(monkeypatch, scan):
+    """No float32 operand reaches the attention kernel of a bfloat16 model (the cudnn crash), looped or scanned."""
     seen = []
 
     def checking(q, k, v, qs, ks, *, block):
@@ -177,11 +178,12 @@ def test_bfloat16_model_hands_only_bfloat16_to_the_kernel(monkeypatch):
         return xla_attention(q, k, v, qs, ks)
 
     monkeypatch.setitem(attention.ATTENTION_BACKENDS, "xla", checking)
-    config = smoke_config(**{"model.dtype": "bfloat16", "model.attention": "xla"})
+    config = smoke_config(**{"model.dtype": "bfloat16", "model.attention": "xla", "model.scan_layers": scan,
+                             "model.remat": "full" if scan else "none"})
     batch = dict(next(iter(pipeline.packed_dataset(config))))
     t = np.full(batch["info"].shape[:2], 0.5, np.float32)
     out = _run(build_model(config, nnx.Rngs(0)), batch, t, np.zeros(t.shape, bool))
     assert np.isfinite(out).all()
-    # text encoder layers + (self, cross) per DiT block
-    assert len(seen) == config.text.depth + 2 * config.model.depth
+    # text encoder layers + (self, cross) per DiT block (a scanned block is traced once)
+    assert len(seen) == config.text.depth + 2 * (1 if scan else config.model.depth)
     assert all(d == jnp.bfloat16 for triple in seen for d in triple), seen

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import re
 import time
 from typing import Any
@@ -138,6 +139,10 @@ def target_devices(target: Target) -> list:
     if target.platform == "cpu":
         return list(jax.devices("cpu"))[:target.num_devices]
     from jax.experimental import topologies
+    # libtpu takes /tmp/libtpu_lockfile for the life of the process, which guards TPU chips; compile-only
+    # devices open none, and without this a second compile (another test worker, a training job's AOT
+    # check) fails while the first process lives.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     dims = tuple(int(d) for d in target.topology.split(":")[1].split("x"))
     # libtpu assumes hosts of 2x2x1 chips; a smaller slice must say that its one host is the slice.
     kwargs = {"chips_per_host_bounds": dims + (1,) * (3 - len(dims))} if math.prod(dims) < 4 else {}
@@ -288,6 +293,10 @@ def _check_state_fits(report: dict, state_bytes: int) -> None:
             "keep Adam's first moment in bfloat16 (config.optim.mu_dtype) or use a larger target.", report)
 
 
+_ADVICE = ("Lower config.data.global_batch_rows or seq_len, set config.model.remat='full' (or 'save_dots'), "
+           "config.model.scan_layers=True, or shard over more devices.")
+
+
 def check_fit(report: dict, hbm_gib: float | None = None) -> None:
     """Sets report["fits"] and ["hbm_fraction"] from the compiled step's total against the HBM.
 
@@ -306,9 +315,21 @@ def check_fit(report: dict, hbm_gib: float | None = None) -> None:
     if report["fits"] is False:
         raise DoesNotFitError(
             f"the train step needs {total / GIB:.2f} GiB per device, more than the {hbm:g} GiB of a "
-            f"{report['device_kind']} (temporaries {report['memory']['temporaries'] / GIB:.2f} GiB). Lower "
-            "config.data.global_batch_rows or seq_len, set config.model.remat='full' (or 'save_dots'), "
-            "config.model.scan_layers=True, or shard over more devices.", report)
+            f"{report['device_kind']} (temporaries {report['memory']['temporaries'] / GIB:.2f} GiB). " + _ADVICE,
+            report)
+
+
+def _compile(lowered, report: dict):
+    """lowered.compile(); a compiler that checks HBM itself (TPU) refuses an oversized step outright."""
+    import jax
+    try:
+        return lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        why = str(e).strip().splitlines()[0]
+        raise DoesNotFitError(f"the {report['device_kind']} compiler refused the train step: {why} " + _ADVICE,
+                              {**report, "fits": False}) from None
 
 
 def compile_train_step(config, target: Target | str, hbm_gib: float | None = None) -> dict:
@@ -351,7 +372,7 @@ def compile_train_step(config, target: Target | str, hbm_gib: float | None = Non
         batch = abstract_batch(config, mesh)
         start = time.perf_counter()
         lowered = make_train_step(config, spec, batch).lower(spec.abstract, batch, _abstract_frozen(spec))
-        compiled = lowered.compile()
+        compiled = _compile(lowered, report)
         report["compile_seconds"] = time.perf_counter() - start
     report["memory"] = memory_figures(compiled)
     report["flops_per_device"] = _flops(compiled)

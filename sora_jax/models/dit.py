@@ -153,7 +153,8 @@ class DiT(nnx.Module):
         return scan_fn(self.blocks, x, *args)
 
     def __call__(self, inputs: PackedInputs) -> jax.Array:
-        x = self.patch_embed(inputs.tokens)
+        # The residual stream is float32 (the modulation is); each layer casts its matmul inputs to the compute dtype.
+        x = self.patch_embed(inputs.tokens).astype(jnp.float32)
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
         context = self.encode_text(inputs)
 
