@@ -33,8 +33,9 @@ def trainer_config() -> ml_collections.ConfigDict:
     # (logical axis, mesh axes) pairs; empty means sora_jax.sharding.DEFAULT_RULES. Example:
     # --config.logical_axis_rules='(("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"))'
     c.logical_axis_rules = ()
-    # MaxText's sufficiently-sharded check: per-device parameter bytes may exceed total / (fsdp x tensor x
-    # context) by at most this fraction; beyond it the run stops before compiling. Negative disables it.
+    # MaxText's sufficiently-sharded check: per-device parameter bytes may exceed total / (product of the mesh
+    # axes the rules put parameters on; fsdp x tensor by default) by at most this fraction; beyond it the
+    # run stops before compiling. Negative disables it.
     c.param_sharding_tolerance = 0.02
     return c
 

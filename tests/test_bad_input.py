@@ -64,3 +64,12 @@ def test_differently_shaped_model_in_workdir(trained_workdir):
     with pytest.raises(CheckpointMismatchError, match=r"tensor ema/blocks/0/mlp/fc1/bias has shape \(128,\) in the checkpoint but \(96,\)"):
         train_and_evaluate(smoke_config(total_steps=8, **{"model.mlp_ratio": 3.0}), trained_workdir)
     assert _snapshot(trained_workdir) == before  # nothing written, nothing overwritten
+
+
+def test_insufficiently_sharded_parameters_stop_before_compile(tmp_path):
+    """hidden 36 on fsdp 8: most parameter bytes would be replicated; a ConfigError names the parameter."""
+    config = smoke_config(**{"model.hidden": 36, "model.heads": 2, "param_sharding_tolerance": 0.02,
+                             "mesh.data": 1, "mesh.fsdp": 8})
+    with pytest.raises(ConfigError, match=r"(?s)not divisible by fsdp=8.*param_sharding_tolerance"):
+        train_and_evaluate(config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints" / "0")

@@ -1,7 +1,6 @@
 """Logical-axis rules, activation constraints and the sufficiently-sharded check (8 simulated devices)."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P

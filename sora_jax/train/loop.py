@@ -71,7 +71,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         raise ConfigError(str(e)) from None
     validate_for_mesh(config, dict(mesh.shape))
     with sharding.use_mesh(mesh, rules):
-        spec = state_spec(config, mesh, task)
+        try:
+            spec = state_spec(config, mesh, task)
+        except sharding.InsufficientShardingError as e:
+            raise ConfigError(str(e)) from None
         if latest is not None:
             ckpt.check_compatible(latest, spec.abstract, workdir)
             if latest >= config.total_steps:

@@ -58,13 +58,6 @@ class StateSpec:
         return self.shardings["params"]
 
 
-def _logical_specs(abstract_params: nnx.State) -> Any:
-    """Pure-dict tree of logical axis tuples (None where a parameter is not annotated)."""
-    specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
-    return jax.tree.map(lambda s: tuple(s) if isinstance(s, P) else None, specs,
-                        is_leaf=lambda x: isinstance(x, P) or x is None)
-
-
 def state_spec(config, mesh: Mesh, task=None) -> StateSpec:
     """Abstract train state and shardings for `config` on `mesh` (under the active logical-axis rules)."""
     from sora_jax.tasks import build_task
