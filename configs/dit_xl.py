@@ -1,11 +1,21 @@
-"""DiT-XL (675M parameters) over 16-channel 4x8x8 latents, rows of 8,192 packed tokens, on one 80 GB GPU.
+"""DiT-XL over 16-channel 4x8x8 latents, rows of 8,192 packed tokens, on one 80 GB GPU.
 
 DiT-XL's transformer (hidden 1152, depth 28, 16 heads, MLP ratio 4) with 1x2x2 spacetime patches of
 Wan-2.1-style latents (16 channels, 4x8x8 compression): one token is 4 frames x 16 x 16 pixels, so a
 row of 8,192 tokens holds, e.g., a 25-frame 512x512 clip (7 x 32 x 32 = 7,168 tokens) or many images.
-bfloat16 compute, float32 parameters and optimizer state, attention "auto" (cuDNN on GPU, splash on
-TPU, blockwise on CPU), remat "save_dots" with scan over layers: benchmarks/dit_memory.py measures the
-step at 2 x 8,192 tokens for every remat policy; see benchmarks/results/dit_memory.json.
+622M parameters (adaLN-single shares one modulation MLP where DiT has one per block; cross-attention
+and a 4-layer text encoder add). bfloat16 compute, float32 parameters and optimizer state (9.3 GiB with
+the EMA), attention "auto" (cuDNN on GPU, splash on TPU, blockwise on CPU).
+
+Memory of the train step at 2 x 8,192 tokens (benchmarks/dit_memory.py; compiled, not run), per device:
+  remat       scan   XLA:CPU total   one v5p chip (libtpu)
+  none        on     139.7 GiB       refused: 97.8 GiB of temporaries > 95.7 GiB HBM
+  full        on      19.3 GiB        22.7 GiB
+  save_dots   on      40.7 GiB        34.6 GiB
+  any         off    ~120 GiB        (XLA:CPU's unrolled schedule undoes remat; TPU's does not)
+"save_dots" keeps the matmul outputs, so the backward recomputes only the cheap elementwise work and
+attention; it fits 80 GB with room, so it is the default, with scan over layers (which also compiles
+the 28 blocks once: 13 s instead of 75 s on a CPU). "full" is the fallback for longer rows.
 
 Check memory and sharding without a GPU (compiles the train step for 1 simulated device; nothing runs):
   python -m sora_jax.aot --config=configs/dit_xl.py --topology=cpu:1 --hbm_gib=80

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, with_overrides
+from tests.conftest import ROOT, with_overrides
 
 
 def _smoke(**overrides):
@@ -78,6 +78,26 @@ def test_too_small_hbm_fails_before_compiling(monkeypatch):
     assert "memory" not in e.value.report and e.value.report["state_bytes_per_device"] > 1e-5 * aot.GIB
 
 
+@pytest.mark.parametrize("name", ["dit_xl", "wan14b"])
+def test_full_size_configs_are_sized_without_compiling(name):
+    import importlib
+    from sora_jax import aot
+    # Eight rows: one or more for each of the 8 devices.
+    config = with_overrides(importlib.import_module(f"configs.{name}").get_config(), **{"data.global_batch_rows": 8})
+    # Validated, sharded (the sufficiently-sharded check passes) and sized; the tiny budget stops it there.
+    with pytest.raises(aot.DoesNotFitError, match="train state alone needs") as e:
+        aot.compile_train_step(config, "cpu:8", hbm_gib=1.0)
+    params = e.value.report["params"]
+    assert params["count"] > (14e9 if name == "wan14b" else 6e8) and params["replicated_share"] < 0.02
+
+
+def test_wan14b_smoke_compiles_with_context_axis():
+    from configs import wan14b
+    from sora_jax import aot
+    report = aot.compile_train_step(wan14b.get_config("smoke"), "cpu:8", hbm_gib=80)
+    assert report["mesh"]["context"] == 2 and report["mesh"]["fsdp"] == 4 and report["fits"] is True
+
+
 def test_insufficient_sharding_fails_before_compiling():
     from sora_jax import aot
     with pytest.raises(aot.AotError, match="not sufficiently sharded"):
@@ -128,3 +148,12 @@ def test_tpu_topology_compiles():
     assert report["device_kind"].startswith("TPU v5") and report["hbm_gib"] == 95.0
     assert report["model"]["attention"] == "splash"  # "auto" on a TPU target
     assert report["memory"]["temporaries"] > 0 and report["fits"] is True
+
+
+def test_tpu_compiler_refusing_the_step_is_does_not_fit():
+    from sora_jax import aot
+    # Explicit [rows, heads, L, L] float32 logits at 32k tokens: far beyond a v5p chip's 95 GiB.
+    config = _smoke(**{"model.attention": "xla", "data.seq_len": 32768})
+    with pytest.raises(aot.DoesNotFitError, match="RESOURCE_EXHAUSTED") as e:
+        aot.compile_train_step(config, "v5p-2")
+    assert e.value.report["fits"] is False and e.value.report["num_devices"] == 1

@@ -7,14 +7,17 @@ per-device bytes of arguments, temporaries and outputs before any job is launche
 Targets (`parse_target`):
   cpu:N                  N simulated CPU devices of this machine. The mesh and the shardings are the
                          real ones; the figures are XLA:CPU's buffer assignment, which is close to, but not
-                         the same as, a GPU's or TPU's (fusion and layout differ).
+                         the same as, a GPU's or TPU's (fusion and layout differ). With unrolled layers
+                         (scan_layers=False) XLA:CPU's schedule undoes remat: every policy measures alike
+                         (about 120 GiB for configs/dit_xl.py), so size remat with scan_layers=True.
   v5p-128, v6e-256,      Cloud TPU accelerator types, compiled by libtpu's compiler on this CPU machine
   v5litepod-16, v5e-16   (`pip install -e '.[aot]'`). v5p-N counts TensorCores, two per chip, and JAX sees
                          one device per chip (megacore): v5p-128 is 64 chips, topology 4x4x4. v5e and v6e
                          have one TensorCore per chip: v6e-256 is 256 chips, 16x16.
   v5p:4x4x4, v6e:16x16   libtpu topology strings, passed through as they are.
-GPU targets (H100 x N) cannot be compiled here: XLA's GPU compiler needs the CUDA plugin and an attached
-GPU to describe the device; compile on the GPU machine, or use cpu:N with --hbm_gib=80 for the budget.
+GPU targets (H100 x N) cannot be compiled here: XLA's GPU compiler lives in the CUDA plugin and takes its
+target from an attached GPU (its deviceless mode is experimental); compile on the GPU machine, or use
+cpu:N with --hbm_gib=80 for the budget.
 """
 from __future__ import annotations
 
@@ -63,10 +66,12 @@ class Target:
 _TPU_TYPES = {"v5p": ("v5p", 2, 3), "v5e": ("v5e", 1, 2), "v5litepod": ("v5e", 1, 2), "v6e": ("v6e", 1, 2)}
 _GPU_NAMES = re.compile(r"^(h100|h200|a100|b200|gpu|cuda)", re.IGNORECASE)
 _GPU_MESSAGE = (
-    "GPU targets cannot be compiled ahead of time on a machine without a GPU: XLA's GPU compiler needs the "
-    "CUDA plugin and an attached device to describe the target. Compile on the GPU machine (the trainer "
-    "logs the step's memory analysis before the first step), or check sharding and memory here with "
-    "--topology=cpu:N --hbm_gib=80 (H100) / 141 (H200).")
+    "GPU targets cannot be compiled ahead of time here. XLA's GPU compiler runs inside the CUDA PJRT plugin "
+    "(jax[cuda12], not installed on a CPU machine) and describes its target from an attached GPU; its "
+    "deviceless mode needs a hand-written device description (get_topology_desc(platform='cuda', "
+    "target_config=...)) and is experimental (jax-ml/jax#28376), so this tool does not offer it. Compile on "
+    "the GPU machine (the trainer logs the step's memory analysis before the first step), or check "
+    "sharding and memory here with --topology=cpu:N --hbm_gib=80 (H100) / 141 (H200).")
 
 
 def torus_shape(chips: int, rank: int) -> tuple[int, ...]:
@@ -375,6 +380,9 @@ def compile_train_step(config, target: Target | str, hbm_gib: float | None = Non
         compiled = _compile(lowered, report)
         report["compile_seconds"] = time.perf_counter() - start
     report["memory"] = memory_figures(compiled)
+    if target.platform == "cpu" and not config.model.get("scan_layers") and config.model.get("remat") != "none":
+        report["note"] = ("XLA:CPU's schedule undoes remat across unrolled layers; these temporaries overstate "
+                          "an accelerator's. Compare remat policies with config.model.scan_layers=True.")
     report["flops_per_device"] = _flops(compiled)
     check_fit(report)
     return report
@@ -408,4 +416,6 @@ def format_report(report: dict) -> str:
                      f"{'fits' if report['fits'] else 'DOES NOT FIT'}" if hbm else
                      "  HBM of this device kind unknown; pass --hbm_gib to check the fit")
         lines.append(f"compiled in {report['compile_seconds']:.1f} s")
+    if report.get("note"):
+        lines.append(f"note: {report['note']}")
     return "\n".join(lines)
