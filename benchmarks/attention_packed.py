@@ -70,7 +70,6 @@ def main(_):
         rows[f"blockwise block={block}"] = _time(
             _fwd_bwd(lambda q, k, v, b=block: blockwise_attention(q, k, v, seg, seg, block=b)), (q, k, v),
             FLAGS.repeats)
-    one = (1, n // s, FLAGS.heads, FLAGS.head_dim)
     one_seg = jnp.ones((1, n // s), jnp.int32)
     alone = _time(_fwd_bwd(lambda q, k, v: xla_attention(q, k, v, one_seg, one_seg)),
                   tuple(x[:, :n // s] for x in (q, k, v)), FLAGS.repeats)

@@ -43,6 +43,20 @@ def with_overrides(config, **overrides):
     return config
 
 
+def randomised_model(config):
+    """The DiT of `config` with every weight perturbed, adaLN-Zero's zero-initialised ones included, so every
+    path carries signal (a zero gate would hide a broken attention)."""
+    import jax
+    from flax import nnx
+
+    from sora_jax.models import build_model
+    model = build_model(config, nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), params)
+    return nnx.merge(graphdef, params)
+
+
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory):
     """A work dir holding a smoke run's checkpoint (4 steps on the 8-device mesh)."""

@@ -11,7 +11,7 @@ from sora_jax.layers.attention import xla_attention
 from sora_jax.layers.blockwise import blockwise_attention, kv_block_ranges
 from sora_jax.models import build_model
 from sora_jax.models.dit import PackedInputs
-from tests.conftest import smoke_config
+from tests.conftest import randomised_model, smoke_config
 
 
 def _segments(lengths, total):
@@ -109,15 +109,6 @@ def test_unknown_backend_and_auto_resolution():
     assert attention.resolve_backend("auto", "gpu", jnp.float32) == "blockwise"  # cuDNN has no f32 kernel
 
 
-def _randomised_model(config):
-    """A model whose zero-initialised (adaLN-Zero) weights are randomised, so every path carries signal."""
-    model = build_model(config, nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
-    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), params)
-    return nnx.merge(graphdef, params)
-
-
 def _alone(batch, row, sid, noise_rng):
     """A one-row batch holding only sample `sid` of `row` at the front, the rest padding full of noise."""
     seg, tseg = batch["video_seg"][row], batch["text_seg"][row]
@@ -155,7 +146,7 @@ def test_packed_row_equals_every_sample_alone(backend):
     t = rng.uniform(0.05, 0.95, size=(len(batch["video"]), slots)).astype(np.float32)
     drop = np.zeros(t.shape, bool)
     drop[row, 1] = True  # one sample uses the null caption
-    model = _randomised_model(config)
+    model = randomised_model(config)
     packed = _run(model, batch, t, drop)
     for sid in range(1, num + 1):
         alone, n = _alone(batch, row, sid, rng)

@@ -3,15 +3,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from data_pipelines import pipeline
 from sora_jax import sharding
-from sora_jax.models import build_model
 from sora_jax.models.dit import PackedInputs
 from sora_jax.train.state import init_state, state_spec
 from sora_jax.train.step import make_train_step
-from tests.conftest import smoke_config
+from tests.conftest import randomised_model, smoke_config
 
 
 def _inputs(batch, t):
@@ -20,21 +18,12 @@ def _inputs(batch, t):
                         jnp.asarray(batch["text_pos"]), jnp.zeros(t.shape, bool))
 
 
-def _nonzero_model(config):
-    """A model whose zero-initialised (adaLN-Zero) weights are randomised, so every path carries signal."""
-    model = build_model(config, nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
-    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), params)
-    return nnx.merge(graphdef, params)
-
-
 def test_packed_attention_never_crosses_samples():
     config = smoke_config()
     batch = dict(next(iter(pipeline.packed_dataset(config))))
     row = int(np.argmax((batch["info"][..., 3] > 0).sum(-1)))
     assert (batch["info"][row, :, 3] > 0).sum() >= 2, "need a row with several samples"
-    model = _nonzero_model(config)
+    model = randomised_model(config)
     t = np.linspace(0.1, 0.9, batch["info"].shape[1], dtype=np.float32)[None].repeat(len(batch["video"]), 0)
     before = np.asarray(model(_inputs(batch, t)))
 
