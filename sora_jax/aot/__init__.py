@@ -225,19 +225,11 @@ def abstract_batch(config, mesh) -> dict:
             for k, (shape, dtype) in BATCH_SHAPES[task](config).items()}
 
 
-def param_figures(spec, config, mesh, rules) -> dict:
-    """The sufficiently-sharded figures of the parameters (sora_jax.sharding.param_report): per-device
-    against perfectly split bytes, their ratio less one (`replicated_share`) and the worst offenders."""
+def param_figures(spec) -> dict:
+    """The sufficiently-sharded figures of the parameters (sora_jax.sharding.param_report, computed by
+    state_spec): per-device against perfectly split bytes, their ratio less one and the worst offenders."""
     import jax
-    from flax import nnx
-    from sora_jax import sharding
-    report = getattr(spec, "param_report", None)
-    if report is None:
-        # The logical axis names live on the model's Variables, which the StateSpec does not keep.
-        model = nnx.eval_shape(lambda: spec.task.build_model(nnx.Rngs(config.seed)))
-        params = nnx.state(model, nnx.Param)
-        report = sharding.param_report(sharding.logical_axes(params), nnx.to_pure_dict(params), mesh, rules)
-    return {"count": sum(x.size for x in jax.tree.leaves(spec.abstract["params"])), **report.as_dict()}
+    return {"count": sum(x.size for x in jax.tree.leaves(spec.abstract["params"])), **spec.param_report.as_dict()}
 
 
 def memory_figures(compiled) -> dict:
@@ -371,7 +363,7 @@ def compile_train_step(config, target: Target | str, hbm_gib: float | None = Non
             spec = state_spec(config, mesh)  # also runs the sufficiently-sharded check
         except sharding.InsufficientShardingError as e:
             raise AotError(str(e)) from None
-        report["params"] = param_figures(spec, config, mesh, rules)
+        report["params"] = param_figures(spec)
         report["state_bytes_per_device"] = sharding.sharded_bytes(spec.abstract)[1]
         _check_state_fits(report, report["state_bytes_per_device"])
         batch = abstract_batch(config, mesh)

@@ -47,6 +47,7 @@ class StateSpec:
     tx: optax.GradientTransformation
     mesh: Mesh
     task: Any
+    param_report: Any = None  # sharding.ParamShardingReport of the parameters on this mesh
 
     @property
     def frozen_shardings(self):
@@ -69,8 +70,8 @@ def state_spec(config, mesh: Mesh, task=None) -> StateSpec:
     pure = nnx.to_pure_dict(abstract_params)
     logical, rules = sharding.logical_axes(abstract_params), sharding.current_rules()
     param_sh = sharding.param_shardings(logical, pure, mesh, rules)
-    sharding.assert_params_sufficiently_sharded(logical, pure, mesh, config.get("param_sharding_tolerance", 0.02),
-                                                rules)
+    report = sharding.assert_params_sufficiently_sharded(
+        logical, pure, mesh, config.get("param_sharding_tolerance", 0.02), rules)
     tx = make_optimizer(config.optim, config.total_steps)
     abstract_opt = jax.eval_shape(tx.init, pure)
     replicated = NamedSharding(mesh, P())
@@ -79,7 +80,7 @@ def state_spec(config, mesh: Mesh, task=None) -> StateSpec:
     shardings = {"step": replicated, "params": param_sh, "opt_state": opt_sh, "ema": param_sh}
     shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": pure, "opt_state": abstract_opt, "ema": pure}
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    return StateSpec(graphdef, abstract, shardings, tx, mesh, task)
+    return StateSpec(graphdef, abstract, shardings, tx, mesh, task, report)
 
 
 def init_state(config, spec: StateSpec) -> dict:
