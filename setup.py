@@ -24,6 +24,10 @@ INSTALL_REQUIRES = [
     "pillow==13.0.0",  # GIF and PNG
     "tqdm==4.70.1",
     "safetensors==0.8.0",
+    # tfds.data_source reads TFDS datasets in ArrayRecord format (data_pipelines/sources.py).
+    "tensorflow-datasets==4.9.10",
+    # Local Hugging Face models: the captioner plug-in of data_pipelines.prepare; later T5/umT5 tokenizers.
+    "transformers==5.23.0",
 ]
 
 EXTRAS = {

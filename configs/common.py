@@ -40,6 +40,13 @@ def trainer_config() -> ml_collections.ConfigDict:
     return c
 
 
+def eval_config(task: str) -> ml_collections.ConfigDict:
+    """The offline evaluation job's section (`python -m sora_jax.evaluate`); task is "dit" or "vae"."""
+    e = ml_collections.ConfigDict()
+    e.evaluators = ("val_loss",) if task == "dit" else ("reconstruction",)
+    return e
+
+
 def vae_base_config() -> ml_collections.ConfigDict:
     """Defaults for training the 3D causal VAE (config.task = "vae") on the procedural world.
 
@@ -58,6 +65,7 @@ def vae_base_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(
         l1=1.0, l2=0.0, kl=1e-6, perceptual=0.0, perceptual_weights="", adversarial=0.0, adv_start_step=0,
         disc_channels=32, disc_layers=3))
+    c.eval = eval_config("vae")
     c.export_stats_batches = 4  # training batches that measure the exported latent mean/std
     c.ema_decay = 0.99
     return c
@@ -93,6 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.sample = ml_collections.ConfigDict(dict(
         steps=30, guidance=3.0, width=48, height=32, frames=8, fps=8, use_ema=True, num_prompts=8))
+    c.eval = eval_config("dit")
     return c
 
 
