@@ -43,7 +43,28 @@ def trainer_config() -> ml_collections.ConfigDict:
 def eval_config(task: str) -> ml_collections.ConfigDict:
     """The offline evaluation job's section (`python -m sora_jax.evaluate`); task is "dit" or "vae"."""
     e = ml_collections.ConfigDict()
-    e.evaluators = ("val_loss",) if task == "dit" else ("reconstruction",)
+    # sora_jax.evaluation.evaluators.EVALUATORS: val_loss, adherence, fid, fvd (dit); reconstruction (vae).
+    e.evaluators = ("val_loss", "adherence") if task == "dit" else ("reconstruction",)
+    # The job's own mesh (same form as config.mesh; it may differ from training's). -1 takes the rest.
+    e.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
+    e.use_ema = True  # False: evaluate the raw parameters instead of the EMA ones
+    e.batches = 0  # held-out batches for val_loss / reconstruction; 0: config.eval_batches
+    e.poll_seconds = 30.0  # --watch: seconds between looks for new checkpoints
+    e.timeout_seconds = 0.0  # --watch: give up after this long; 0 waits until config.total_steps is evaluated
+    if task == "dit":
+        e.timestep_buckets = 4  # val_loss per t in [k/B, (k+1)/B), plus their mean
+        e.num_prompts = 8  # adherence: held-out prompts sampled per checkpoint
+        # Generation (adherence, fid, fvd); 0 takes config.sample's value.
+        e.width, e.height, e.frames, e.fps = 0, 0, 0, 0
+        e.sample_steps = 0
+        e.guidance = 0.0
+        e.sample_batch = 8  # prompts per sampler call
+        e.seed = 0  # noise seed of batch k is seed + k
+        # fid / fvd: VGG16 weights (local safetensors, torchvision names; NOT Inception / I3D, so the values
+        # are comparable only between evaluations with the same file), frames resized to feature_size^2.
+        e.fid_samples = 64
+        e.feature_weights = ""
+        e.feature_size = 64
     return e
 
 
@@ -71,6 +92,36 @@ def vae_base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def data_config() -> ml_collections.ConfigDict:
+    """The DiT's data section: which source, how clips are sampled and sized, how rows are packed.
+
+    source (data_pipelines.pipeline.SOURCES):
+      procedural  the built-in world (sides, frames)
+      latents     latent_dir, written by `python -m sora_jax.encode` from raw_source; held-out evaluation and
+                  the encoder itself read raw_source
+      folder      a manifest (JSONL/CSV of path + caption, from `python -m data_pipelines.prepare`) of videos
+                  and images under root (default: the manifest's directory); eval_manifest for held-out data
+      records     ArrayRecord shards of raw clips (glob in records)
+      tfds        tfds.data_source(tfds_name, split=tfds_split) of an array_record-format TFDS dataset
+      mixture     weighted mix: mixture = (("videos", 0.7), ("images", 0.3)) names sub-sections of
+                  `components` (each a partial data section: source, manifest, ...), set in a config file
+    Decoded sources (folder, records, tfds) sample a clip of up to clip_frames frames at fps (0 keeps the
+    native rate; frame counts follow the autoencoder's 1 + k*stride rule) and resize it, keeping its aspect
+    ratio, to the largest size whose token count fits max_sample_tokens (crop=True centre-crops instead).
+    Files larger than max_pixels per frame or max_frames in total are skipped (decompression bombs).
+    """
+    return ml_collections.ConfigDict(dict(
+        source="procedural", raw_source="procedural", latent_dir="", seed=0, sides=tuple(range(16, 49, 8)),
+        frames=tuple(range(1, 13)),
+        manifest="", eval_manifest="", root="", records="", tfds_name="", tfds_split="train",
+        tfds_eval_split="", tfds_data_dir="", tfds_video_key="video", tfds_caption_key="caption",
+        mixture=(), components=ml_collections.ConfigDict(), shuffle=True,
+        fps=8.0, clip_frames=9, max_sample_tokens=256, crop=False, max_pixels=4096 * 4096, max_frames=100_000,
+        seq_len=512, text_len=128, max_samples_per_row=16, packing_bins=64, global_batch_rows=8,
+        # workers > 0: grain multiprocessing (decode and tokenise in that many processes); threads read ahead.
+        workers=0, num_threads=1, prefetch=16))
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Defaults for a text-to-video DiT trained with rectified flow on the procedural world."""
     c = trainer_config()
@@ -88,12 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
         tokenizer="words", vocabulary=tuple(procedural.VOCABULARY), encoder="tiny", width=128, depth=2,
         heads=4, max_len=12))
 
-    # source "latents" reads latent_dir (written by `python -m sora_jax.encode` from raw_source); held-out
-    # evaluation and the encoder itself read raw_source.
-    c.data = ml_collections.ConfigDict(dict(
-        source="procedural", raw_source="procedural", latent_dir="", seed=0, sides=tuple(range(16, 49, 8)), frames=tuple(range(1, 13)),
-        seq_len=512, text_len=128, max_samples_per_row=16, packing_bins=64, global_batch_rows=8,
-        num_threads=1, prefetch=16))
+    c.data = data_config()
 
     c.flow = ml_collections.ConfigDict(dict(
         logit_mean=0.0, logit_std=1.0, base_shift=1.0, shift_base_tokens=256.0, max_shift=3.0, caption_dropout=0.1,

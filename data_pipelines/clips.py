@@ -55,11 +55,20 @@ class ClipBatches:
                 "image": self._slice(self.images, self.cfg.image_batch, int(k), 1)}
 
 
-def clip_dataset(data_cfg, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """This host's checkpointable stream of training clip batches."""
+def clip_dataset(data_cfg, process_index: int = 0, process_count: int = 1, start: int = 0) -> grain.IterDataset:
+    """This host's checkpointable stream of training clip batches, from global batch `start` on."""
     source = ClipBatches(data_cfg, "train", process_index, process_count)
-    return grain.MapDataset.source(source).to_iter_dataset(
+    return grain.MapDataset.source(source)[start:].to_iter_dataset(
         grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch))
+
+
+def reshard_start(states: list[dict], start: int) -> int:
+    """The global batch a run on a different number of hosts resumes at: every host's iterator is at the
+    same global batch (each reads its slice of every batch), so the continuation is exact."""
+    positions = {start + int(s["next_index"]) for s in states}
+    if len(positions) != 1:
+        raise ValueError(f"the hosts' clip iterators disagree on the next global batch: {sorted(positions)}.")
+    return positions.pop()
 
 
 def heldout_batches(data_cfg, num_batches: int, process_index: int = 0, process_count: int = 1) -> list[dict]:

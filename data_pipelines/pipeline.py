@@ -1,20 +1,33 @@
-"""grain pipelines: source -> per-host shard -> latent patches + caption tokens -> NaViT packing -> batch.
+"""grain pipelines: source -> decode -> per-host shard -> latent patches + caption tokens -> NaViT packing -> batch.
 
 Packing uses grain's BestFitPackIterDataset: every feature packs into its own fixed length, with segment
 ids that agree across features, so sample k of a row has segment id k + 1 in the video tokens, in the
-caption tokens and in the per-sample `info` slot k. No sample is cropped or split across rows.
+caption tokens and in the per-sample `info` and `meta` slots k. No sample is cropped or split across rows.
 
 A batch (per host) is a dict of numpy arrays:
   video [R, L, D] patches; video_pos [R, L, 3] (t, h, w); video_seg [R, L] (0 = padding);
   text [R, Lt]; text_seg [R, Lt]; text_pos [R, Lt] (position within its caption);
-  info [R, S, 5] per sample: (nt, nh, nw, num_tokens, source index), zeros for empty slots.
+  info [R, S, 5] per sample: (nt, nh, nw, num_tokens, source index), zeros for empty slots;
+  meta [R, S, 4] per sample: (fps, original height, original width, duration in s), zeros where unknown;
+  host_skipped [len(SKIP_REASONS)]: files skipped since this host's previous batch, by reason. Keys
+  starting with "host_" stay on the host (sharding.host_to_global leaves them out).
+
+Order and sharding. One global stream per run: the source, reshuffled each epoch when it is finite
+(data.shuffle), repeated for training, decoded with a per-position random clip start; host p of P reads
+stream positions start + p, start + p + P, ... . The iterator state in a checkpoint is each host's
+position in its stride, so resuming with the same P continues exactly. `reshard_start` turns the states
+of a run with a different P into a new `start` (see its docstring for what that costs).
 """
 from __future__ import annotations
 
+import logging
+
 import grain
 import grain.experimental as grain_exp
+import ml_collections
 import numpy as np
 
+from data_pipelines import media, sources
 from data_pipelines.latents import LatentShards
 from data_pipelines.procedural import ProceduralWorld
 from sora_jax import patching
@@ -22,6 +35,8 @@ from sora_jax.models.autoencoder import build_autoencoder
 from sora_jax.models.text import build_tokenizer
 
 INFO_FIELDS = ("nt", "nh", "nw", "num_tokens", "index")
+META_FIELDS = ("fps", "orig_height", "orig_width", "duration")
+
 
 def _procedural(data_cfg, split):
     return ProceduralWorld(seed=data_cfg.seed, sides=list(data_cfg.sides), frames=list(data_cfg.frames), split=split)
@@ -32,9 +47,37 @@ def _latents(data_cfg, split):
     return LatentShards(data_cfg.latent_dir) if split == "train" else build_source(data_cfg, split, raw=True)
 
 
-# Each source yields {"video" (T, H, W, 3) in [-1, 1] | "latent" (T', H', W', C), "caption", "index"}.
-SOURCES = {"procedural": _procedural, "latents": _latents}
-RAW_SOURCES = ("procedural",)  # sources of pixels, which `python -m sora_jax.encode` can cache
+def _folder(data_cfg, split):
+    manifest = data_cfg.manifest
+    if split == "heldout" and data_cfg.get("eval_manifest"):
+        manifest = data_cfg.eval_manifest
+    elif split == "heldout":
+        logging.warning("config.data.eval_manifest is not set: validation reads the training manifest %s.", manifest)
+    if not manifest:
+        raise ValueError("config.data.source='folder' needs config.data.manifest: a JSONL or CSV of path + caption "
+                         "(write one with `python -m data_pipelines.prepare --videos=DIR --out=DIR/manifest.jsonl`).")
+    return sources.ManifestSource(manifest, data_cfg.get("root", ""))
+
+
+def _records(data_cfg, split):
+    if not data_cfg.records:
+        raise ValueError("config.data.source='records' needs config.data.records: a glob of ArrayRecord clip shards.")
+    return sources.ClipRecordSource(data_cfg.records)
+
+
+def _tfds(data_cfg, split):
+    if not data_cfg.tfds_name:
+        raise ValueError("config.data.source='tfds' needs config.data.tfds_name (and tfds_data_dir if not default).")
+    name = data_cfg.tfds_split if split == "train" else (data_cfg.tfds_eval_split or data_cfg.tfds_split)
+    return sources.TfdsSource(data_cfg.tfds_name, name, data_cfg.tfds_data_dir, data_cfg.tfds_video_key,
+                              data_cfg.tfds_caption_key)
+
+
+# Each source yields {"video" (T, H, W, 3) in [-1, 1] | "latent" (T', H', W', C), "caption", "index"}, or, for
+# the DECODED ones, undecoded records that sources.DecodeMedia turns into videos (skipping bad files).
+SOURCES = {"procedural": _procedural, "latents": _latents, "folder": _folder, "records": _records, "tfds": _tfds}
+DECODED = ("folder", "records", "tfds")
+RAW_SOURCES = ("procedural", *DECODED)  # sources of pixels, which `python -m sora_jax.encode` can cache
 
 
 def build_source(data_cfg, split: str, raw: bool = False):
@@ -47,6 +90,46 @@ def build_source(data_cfg, split: str, raw: bool = False):
     return SOURCES[name](data_cfg, split)
 
 
+def _component(data_cfg, name: str):
+    """config.data with the mixture component `name`'s fields (config.data.components[name]) applied."""
+    if name not in data_cfg.components:
+        raise ValueError(f"config.data.mixture names {name!r}, which config.data.components lacks; components: "
+                         f"{sorted(data_cfg.components)}.")
+    merged = ml_collections.ConfigDict(data_cfg.to_dict())
+    merged.update(data_cfg.components[name].to_dict())
+    merged.mixture = ()
+    return merged
+
+
+def decode_transform(config, data_cfg, source_size: int) -> sources.DecodeMedia:
+    """The DecodeMedia transform sized for config's autoencoder and patch (clip length and token budget)."""
+    stride = build_autoencoder(config.autoencoder).stride
+    patch = tuple(config.model.patch)
+    return sources.DecodeMedia(data_cfg, temporal_stride=stride[0] * patch[0], multiple=stride[1] * patch[1],
+                               source_size=source_size)
+
+
+def source_dataset(config, split: str, data_cfg=None) -> grain.MapDataset:
+    """The global example stream of one source (or a mixture): shuffled, repeated (train) and decoded."""
+    data_cfg = data_cfg or config.data
+    if data_cfg.source == "mixture":
+        if not data_cfg.mixture:
+            raise ValueError("config.data.source='mixture' needs config.data.mixture = ((name, weight), ...).")
+        parts = [source_dataset(config, split, _component(data_cfg, name)) for name, _ in data_cfg.mixture]
+        return sources.mixture(parts, [float(w) for _, w in data_cfg.mixture])
+    src = build_source(data_cfg, split)
+    ds = grain.MapDataset.source(src)
+    finite = data_cfg.source != "procedural"  # the procedural world is random per index already
+    if finite and data_cfg.shuffle and split == "train":
+        ds = ds.shuffle(seed=data_cfg.seed)
+    # Finite sources run for as many epochs as training needs (reshuffled each epoch); a held-out set too
+    # small for config.eval_batches full batches is repeated to fill them.
+    ds = ds.repeat()
+    if data_cfg.source in DECODED:
+        ds = ds.random_map(decode_transform(config, data_cfg, len(src)), seed=data_cfg.seed)
+    return ds
+
+
 class ToTokens(grain.transforms.Map):
     """Encodes a video to latents, patchifies it and tokenizes its caption (numpy, in the data workers)."""
 
@@ -55,6 +138,7 @@ class ToTokens(grain.transforms.Map):
         self.autoencoder = build_autoencoder(config.autoencoder)
         self.tokenizer = build_tokenizer(config.text)
         self.text_len = config.text.max_len
+        self.fps = float(config.sample.fps)
 
     def map(self, example: dict) -> dict:
         if "latent" in example:  # cached by `python -m sora_jax.encode`
@@ -64,45 +148,105 @@ class ToTokens(grain.transforms.Map):
         grid = patching.check_divisible(latent.shape, self.patch)
         tokens = patching.patchify(latent, self.patch).astype(np.float32)
         n = tokens.shape[0]
+        if "meta" in example:
+            meta = np.asarray(example["meta"], np.float32)
+        elif "video" in example:  # procedural: rendered at its own size, played at the sampling fps
+            t, h, w = example["video"].shape[:3]
+            meta = np.asarray([self.fps, h, w, t / self.fps], np.float32)
+        else:
+            meta = np.zeros(len(META_FIELDS), np.float32)
         return {
             "video": tokens,
             "video_pos": patching.positions(grid),
             "text": self.tokenizer.encode(example["caption"], self.text_len),
             "info": np.asarray([[*grid, n, example["index"]]], np.int32),
+            "meta": meta[None],
         }
 
 
-def _rename(batch: dict) -> dict:
+def _finish(batch: dict) -> dict:
+    """Renames packed features and attaches the skip counts drained from this process's tally."""
+    skipped = sources.SKIPS.drain()
     return {
         "video": batch["video"], "video_pos": batch["video_pos"], "video_seg": batch["video_segment_ids"],
         "text": batch["text"], "text_seg": batch["text_segment_ids"], "text_pos": batch["text_positions"],
-        "info": batch["info"],
+        "info": batch["info"], "meta": batch["meta"],
+        "host_skipped": np.asarray([skipped.get(r, 0) for r in media.SKIP_REASONS], np.int64),
     }
 
 
-def packed_dataset(config, split: str = "train", process_index: int = 0,
-                   process_count: int = 1) -> grain.IterDataset:
-    """This host's packed, batched dataset; `iter()` of it is checkpointable (get_state/set_state)."""
+def packed_dataset(config, split: str = "train", process_index: int = 0, process_count: int = 1,
+                   start: int = 0) -> grain.IterDataset:
+    """This host's packed, batched dataset; `iter()` of it is checkpointable (get_state/set_state).
+
+    start: the global stream position this run begins at (nonzero only after `reshard_start`).
+    """
     data = config.data
     if data.global_batch_rows % process_count:
         raise ValueError(f"config.data.global_batch_rows={data.global_batch_rows} is not divisible by "
                          f"{process_count} hosts.")
-    ds = grain.MapDataset.source(build_source(data, split))[process_index::process_count]
-    if split == "train":
-        ds = ds.repeat()  # finite sources (cached latents) run for as many epochs as training needs
+    ds = source_dataset(config, split)[start + process_index::process_count]
     ds = ds.map(ToTokens(config)).to_iter_dataset(
         grain.ReadOptions(num_threads=data.num_threads, prefetch_buffer_size=data.prefetch))
     ds = grain_exp.BestFitPackIterDataset(
         ds,
         length_struct={"video": data.seq_len, "video_pos": data.seq_len, "text": data.text_len,
-                       "info": data.max_samples_per_row},
+                       "info": data.max_samples_per_row, "meta": data.max_samples_per_row},
         num_packing_bins=data.packing_bins,
         seed=data.seed,
-        meta_features=("video_pos", "info"),
+        meta_features=("video_pos", "info", "meta"),
         max_sequences_per_bin=data.max_samples_per_row,
     )
-    ds = ds.batch(data.global_batch_rows // process_count, drop_remainder=True)
-    return ds.map(_rename)
+    ds = ds.batch(data.global_batch_rows // process_count, drop_remainder=True).map(_finish)
+    if data.get("workers", 0) > 0 and split == "train":
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
+    return ds
+
+
+def reshard_start(states: list[dict], start: int, process_count: int) -> int:
+    """Where a run on a different number of hosts begins, from the iterator states of `process_count` hosts.
+
+    Host p of the old run read stream positions start + p + k * process_count; its packer's state holds the
+    position where its last, partly emitted packing round began (grain replays that round on restore), so
+    every position before it was trained on. The new start is the smallest such frontier over the old hosts:
+    nothing after it is skipped. What is repeated: positions past it that a host had already trained on --
+    its partly emitted round and its lead over the slowest host, a few packing rounds per host.
+    Exact continuation would need the set of trained positions past the frontier, which grain's packer does
+    not record. Raises ValueError for states of a multiprocessing (data.workers > 0) pipeline.
+    """
+    if len(states) != process_count:
+        raise ValueError(f"expected the iterator states of {process_count} hosts, found {len(states)}.")
+    frontiers = []
+    for p, state in enumerate(states):
+        parent = state.get("parent") if isinstance(state, dict) else None
+        if not isinstance(parent, dict) or "next_index" not in parent:
+            raise ValueError("the checkpoint's data iterator state is not a single-process packed pipeline's (was "
+                             "config.data.workers > 0?); resume on the same number of hosts, or from a fresh work dir.")
+        frontiers.append(start + p + process_count * int(parent["next_index"]))
+    return min(frontiers)
+
+
+def sample_prompts(config, count: int) -> tuple[list[str], bool]:
+    """(prompts to sample after training, whether they are the procedural world's held-out prompts).
+
+    Real data has no held-out prompt list: its first `count` held-out captions are used instead.
+    """
+    from data_pipelines.procedural import HELD_OUT_PROMPTS
+    data = config.data
+    while data.source == "mixture":
+        data = _component(data, data.mixture[0][0])
+    name = data.raw_source if data.source == "latents" else data.source
+    if name == "procedural":
+        return list(HELD_OUT_PROMPTS[:count]), True
+    src = build_source(data, "heldout", raw=data.source == "latents")
+    prompts = []
+    for i in range(len(src)):
+        if len(prompts) == count:
+            break
+        record = src[i]
+        if record.get("caption") and not record.get("caption_error"):
+            prompts.append(record["caption"])
+    return prompts, False
 
 
 def padding_fraction(batch: dict) -> float:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import ml_collections
+
 from sora_jax.layers.attention import BACKEND_CHOICES
 from sora_jax.layers.common import DTYPES
 from sora_jax.layers.rope import split_pairs
@@ -95,14 +97,16 @@ def validate_dit(config) -> None:
     d = config.data
     if d.source == "latents":
         _check_latent_cache(config)
-    for side in d.sides:
-        check_video_size(config, side, side, min(d.frames), what="config.data.sides: ")
-    for frames in d.frames:
-        check_video_size(config, min(d.sides), min(d.sides), frames, what="config.data.frames: ")
-    biggest = math.prod(check_video_size(config, max(d.sides), max(d.sides), max(d.frames)))
-    _require(biggest <= d.seq_len,
-             f"config.data.seq_len={d.seq_len} cannot hold the largest sample ({biggest} tokens); raise "
-             f"seq_len or lower config.data.sides / config.data.frames.")
+    _check_data_source(config, d)
+    if "procedural" in (d.source, d.source == "latents" and d.raw_source):  # sides and frames are the world's
+        for side in d.sides:
+            check_video_size(config, side, side, min(d.frames), what="config.data.sides: ")
+        for frames in d.frames:
+            check_video_size(config, min(d.sides), min(d.sides), frames, what="config.data.frames: ")
+        biggest = math.prod(check_video_size(config, max(d.sides), max(d.sides), max(d.frames)))
+        _require(biggest <= d.seq_len,
+                 f"config.data.seq_len={d.seq_len} cannot hold the largest sample ({biggest} tokens); raise "
+                 f"seq_len or lower config.data.sides / config.data.frames.")
     _require(d.text_len >= config.text.max_len,
              f"config.data.text_len={d.text_len} is below config.text.max_len={config.text.max_len}.")
     _require(d.global_batch_rows > 0, "config.data.global_batch_rows must be > 0.")
@@ -116,6 +120,44 @@ def validate_dit(config) -> None:
     s = config.sample
     _require(s.steps > 0, f"config.sample.steps={s.steps} must be > 0.")
     check_video_size(config, s.width, s.height, s.frames, what="config.sample: ")
+
+
+_SOURCE_NAMES = ("procedural", "latents", "folder", "records", "tfds", "mixture")
+
+
+def _check_data_source(config, d, where: str = "config.data") -> None:
+    """The source's own fields: a manifest that exists, a glob that matches, sizes that fit a row."""
+    import glob
+    import os
+    _require(d.source in _SOURCE_NAMES, f"{where}.source={d.source!r}; choose one of {_SOURCE_NAMES}.")
+    if d.source == "mixture":
+        _require(len(d.mixture) > 0, f"{where}.source='mixture' needs {where}.mixture = ((name, weight), ...).")
+        for name, weight in d.mixture:
+            _require(name in d.components, f"{where}.mixture names {name!r}, which {where}.components lacks.")
+            _require(float(weight) > 0, f"{where}.mixture weight of {name!r} is {weight}; weights must be > 0.")
+            part = ml_collections.ConfigDict(d.to_dict())
+            part.update(d.components[name].to_dict())
+            _require(part.source != "mixture", f"{where}.components.{name} is itself a mixture; nest no mixtures.")
+            _check_data_source(config, part, f"{where}.components.{name}")
+        return
+    if d.source == "folder":
+        for field in ("manifest", "eval_manifest"):
+            _require(field == "eval_manifest" and not d[field] or os.path.isfile(d[field]),
+                     f"{where}.{field}={d[field]!r} is not a file; write one with `python -m data_pipelines.prepare "
+                     "--videos=DIR --out=DIR/manifest.jsonl`.")
+    if d.source == "records":
+        _require(bool(d.records) and bool(glob.glob(d.records)),
+                 f"{where}.records={d.records!r} matches no ArrayRecord clip shard.")
+    if d.source == "tfds":
+        _require(bool(d.tfds_name), f"{where}.source='tfds' needs {where}.tfds_name.")
+    if d.source not in ("folder", "records", "tfds"):
+        return
+    _require(d.fps >= 0, f"{where}.fps={d.fps} must be >= 0 (0 keeps each video's own rate).")
+    _require(d.clip_frames >= 1, f"{where}.clip_frames={d.clip_frames} must be >= 1.")
+    _require(0 < d.max_sample_tokens <= config.data.seq_len,
+             f"{where}.max_sample_tokens={d.max_sample_tokens} must be in [1, config.data.seq_len="
+             f"{config.data.seq_len}]: a sample must fit one packed row.")
+    _require(d.max_pixels > 0 and d.max_frames > 0, f"{where}.max_pixels and max_frames must be > 0.")
 
 
 def _check_latent_cache(config) -> None:

@@ -411,9 +411,17 @@ def sharded_bytes(tree: Any) -> tuple[int, int]:
 
 
 def host_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assembles each host's slice of the batch into global arrays sharded along the batch axis."""
+    """Assembles each host's slice of the batch into global arrays sharded along the batch axis.
+
+    Keys starting with "host_" (host-side bookkeeping such as skipped-file counts) are left out.
+    """
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in device_items(batch)}
+
+
+def device_items(batch: dict) -> list:
+    """The (key, value) pairs of a batch that go to devices: all but the "host_" ones."""
+    return [(k, v) for k, v in batch.items() if not k.startswith("host_")]
 
 
 def maybe_initialize_distributed(enabled: bool) -> None:

@@ -50,7 +50,23 @@ class WordTokenizer:
         return np.asarray(ids[:max_len], np.int32)
 
 
-TOKENIZERS = {"words": WordTokenizer}
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (ids 3..258) after a <bos>: any caption, in any language, with no vocabulary
+    to build -- what a tiny model trained on a user's own captions needs. `vocabulary` is ignored."""
+
+    def __init__(self, vocabulary: Sequence[str] = ()):
+        del vocabulary
+        self.vocab_size = len(_SPECIALS) + 256
+
+    def encode(self, text: str, max_len: int) -> np.ndarray:
+        """Token ids (<= max_len, truncated at the end), int32."""
+        ids = [BOS] + [len(_SPECIALS) + b for b in text.encode("utf-8")]
+        if len(ids) > max_len:
+            logging.info("caption %r has %d byte tokens; truncated to %d.", text[:40], len(ids), max_len)
+        return np.asarray(ids[:max_len], np.int32)
+
+
+TOKENIZERS = {"words": WordTokenizer, "bytes": ByteTokenizer}
 
 
 def build_tokenizer(text_cfg) -> Tokenizer:

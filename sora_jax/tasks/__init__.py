@@ -34,8 +34,14 @@ class Task(Protocol):
     def frozen(self) -> Any:
         """A pytree of non-trained arrays the loss reads (e.g. perceptual-loss weights), passed replicated."""
 
-    def train_data(self, process_index: int, process_count: int):
-        """This host's checkpointable grain IterDataset of training batches (dicts of numpy arrays)."""
+    def train_data(self, process_index: int, process_count: int, start: int = 0):
+        """This host's checkpointable grain IterDataset of training batches (dicts of numpy arrays).
+
+        start: where the run's data stream begins (from reshard_start; 0 for a new run)."""
+
+    def reshard_start(self, states: list[dict], start: int, process_count: int) -> int:
+        """The stream start for a run on a different number of hosts than the `process_count` whose
+        iterator states (and stream start) a checkpoint holds; ValueError if it cannot be done."""
 
     def eval_data(self, process_index: int, process_count: int) -> list[dict]:
         """This host's part of a fixed list of held-out batches."""
@@ -47,7 +53,8 @@ class Task(Protocol):
         """Scalars for one held-out batch; the trainer logs their mean as val_<name>_{params,ema}."""
 
     def host_metrics(self, batch: dict) -> dict:
-        """Scalars computed on the host from a training batch (e.g. padding fraction)."""
+        """Scalars computed on the host from a training batch (e.g. padding fraction); names starting with
+        "skipped" are counts, summed over a logging window."""
 
     def after_training(self, workdir: str) -> dict:
         """Process 0, after the last checkpoint: samples, exports; returns entries for results.json."""

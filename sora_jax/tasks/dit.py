@@ -1,7 +1,10 @@
 """The DiT task: rectified flow on NaViT-packed latent tokens of captioned videos."""
 from __future__ import annotations
 
+import numpy as np
+
 from data_pipelines import pipeline
+from data_pipelines.media import SKIP_REASONS
 from sora_jax.config_validation import validate_dit, validate_dit_for_mesh
 from sora_jax.diffusion.flow import flow_loss
 from sora_jax.models import build_model
@@ -28,8 +31,11 @@ class DiTTask:
     def frozen(self):
         return {}
 
-    def train_data(self, process_index: int, process_count: int):
-        return pipeline.packed_dataset(self.config, "train", process_index, process_count)
+    def train_data(self, process_index: int, process_count: int, start: int = 0):
+        return pipeline.packed_dataset(self.config, "train", process_index, process_count, start)
+
+    def reshard_start(self, states: list[dict], start: int, process_count: int) -> int:
+        return pipeline.reshard_start(states, start, process_count)
 
     def eval_data(self, process_index: int, process_count: int) -> list[dict]:
         return pipeline.eval_batches(self.config, self.config.eval_batches, process_index, process_count)
@@ -45,22 +51,27 @@ class DiTTask:
         return {"loss": loss}
 
     def host_metrics(self, batch: dict) -> dict:
-        return {"padding_fraction": pipeline.padding_fraction(batch)}
+        skipped = batch.get("host_skipped", np.zeros(len(SKIP_REASONS)))
+        return {"padding_fraction": pipeline.padding_fraction(batch),
+                **{f"skipped_{reason}": int(n) for reason, n in zip(SKIP_REASONS, skipped)}}
 
     def after_training(self, workdir: str) -> dict:
-        """Samples the first config.sample.num_prompts held-out prompts and scores their colors."""
+        """Samples held-out prompts (the procedural world's, scored by the color detector; or the first
+        held-out captions of real data) into WORKDIR/samples."""
         import os
 
-        from data_pipelines.procedural import HELD_OUT_PROMPTS
         from sora_jax.evaluation.color import color_accuracy
         from sora_jax.sampling import Sampler, sample_to_dir
 
         s = self.config.sample
         if s.num_prompts <= 0:
             return {}
-        prompts = list(HELD_OUT_PROMPTS[:s.num_prompts])
+        prompts, procedural = pipeline.sample_prompts(self.config, s.num_prompts)
+        if not prompts:
+            return {}
         sampler = Sampler.from_workdir(workdir, s.use_ema)
         out = os.path.join(workdir, "samples")
         videos, paths = sample_to_dir(sampler, prompts, out, s.width, s.height, s.frames, s.steps, s.guidance,
                                       self.config.seed, s.fps)
-        return {"samples_dir": out, "sample_paths": paths, **color_accuracy(videos, prompts)}
+        scores = color_accuracy(videos, prompts) if procedural else {}
+        return {"samples_dir": out, "sample_paths": paths, **scores}

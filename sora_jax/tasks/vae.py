@@ -105,8 +105,11 @@ class VAETask:
                     raise ConfigError(str(e)) from None
         return self._frozen
 
-    def train_data(self, process_index: int, process_count: int):
-        return clips.clip_dataset(self.config.data, process_index, process_count)
+    def train_data(self, process_index: int, process_count: int, start: int = 0):
+        return clips.clip_dataset(self.config.data, process_index, process_count, start)
+
+    def reshard_start(self, states: list[dict], start: int, process_count: int) -> int:
+        return clips.reshard_start(states, start)
 
     def eval_data(self, process_index: int, process_count: int) -> list[dict]:
         return clips.heldout_batches(self.config.data, self.config.eval_batches, process_index, process_count)

@@ -7,8 +7,10 @@ evaluation jobs.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 from typing import Any
 
 import grain
@@ -46,17 +48,49 @@ class Checkpointer:
                                                enable_async_checkpointing=not read_only)
         # Registered handlers let orbax read item metadata (shapes) before any restore.
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-            "state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
+            "state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+            "data_layout": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator=None) -> None:
-        """Starts an async save; the previous one is awaited by orbax first."""
+    def save(self, step: int, state: Any, data_iterator=None, data_start: int = 0) -> None:
+        """Starts an async save; the previous one is awaited by orbax first.
+
+        data_start is where this run's data stream began (nonzero after resuming on a different number
+        of hosts); with the per-host iterator states it locates every host's position in the global stream.
+        """
         items = {"state": ocp.args.PyTreeSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            items["data_layout"] = ocp.args.JsonSave({"start": int(data_start), "process_count": jax.process_count()})
         self.manager.save(step, args=ocp.args.Composite(**items))
+
+    def data_states(self, step: int) -> tuple[int, list[dict], int] | None:
+        """(process count, per-process iterator states, stream start) saved at `step`; None without data.
+
+        Read from the files grain writes (process_<i>-of-<n>.json), so it works whatever the current
+        process count is.
+        """
+        data_dir = os.path.join(self.directory, str(step), "data")
+        found = {}
+        for path in glob.glob(os.path.join(data_dir, "process_*-of-*.json")):
+            m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", os.path.basename(path))
+            if m:
+                with open(path) as f:
+                    found[(int(m.group(2)), int(m.group(1)))] = json.load(f)
+        if not found:
+            return None
+        count = max(n for n, _ in found)
+        states = [found.get((count, i)) for i in range(count)]
+        if any(s is None for s in states):
+            raise CheckpointMismatchError(f"{data_dir} lacks the iterator state of some of its {count} hosts.")
+        layout_path = os.path.join(self.directory, str(step), "data_layout", "metadata")
+        start = 0
+        if os.path.exists(layout_path):
+            with open(layout_path) as f:
+                start = int(json.load(f).get("start", 0))
+        return count, states, start
 
     def check_compatible(self, step: int, abstract_state: Any, workdir: str) -> None:
         """Raises CheckpointMismatchError if any tensor's shape differs from the config's model."""

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -88,16 +89,54 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return _run(config, workdir, ckpt, spec, latest, mesh)
 
 
+def _data_iterator(config, task, ckpt, latest) -> tuple[Any, int, bool]:
+    """(this host's data iterator, its stream start, whether its state is to be restored from `latest`).
+
+    A checkpoint written by a different number of hosts cannot restore per-host iterator states; the task
+    turns those states into a new stream start instead (see data_pipelines.pipeline.reshard_start).
+    """
+    pi, pc = jax.process_index(), jax.process_count()
+    saved = ckpt.data_states(latest) if latest is not None else None
+    if saved is None or saved[0] == pc:
+        start = saved[2] if saved else 0
+        return iter(task.train_data(pi, pc, start)), start, latest is not None
+    count, states, old_start = saved
+    try:
+        start = task.reshard_start(states, old_start, count)
+    except ValueError as e:
+        raise ConfigError(f"{ckpt.directory}/{latest} was written by {count} hosts and this run has {pc}: {e}") from None
+    logging.warning("Checkpoint %d was written by %d hosts, this run has %d: the data stream resumes at position "
+                    "%d (what that repeats: data_pipelines.pipeline.reshard_start).", latest, count, pc, start)
+    return iter(task.train_data(pi, pc, start)), start, False
+
+
+def _window_scalars(task, window: list, waits: list, elapsed: float) -> dict:
+    """Means of the device and host metrics over a logging window, plus rates and the input-wait share.
+
+    Host metrics named skipped_* are counts, so they are summed, not averaged.
+    """
+    got = jax.device_get([m for m, _ in window])
+    scalars = {name: float(np.mean([m[name] for m in got])) for name in got[0] if name != "count"}
+    for name in window[0][1]:
+        values = [h[name] for _, h in window]
+        scalars[name] = float(np.sum(values) if name.startswith("skipped") else np.mean(values))
+    scalars["steps_per_sec"] = len(window) / elapsed
+    scalars[f"{task.throughput_unit}_per_sec"] = float(sum(m["count"] for m in got)) / elapsed
+    # Time the loop spent blocked on the input pipeline, as a share of the window's wall time.
+    scalars["input_wait_fraction"] = float(sum(waits)) / elapsed
+    return scalars
+
+
 def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
     from clu import metric_writers  # imports TensorFlow: only the training job pays for it
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     task = spec.task
-    data_iter = iter(task.train_data(jax.process_index(), jax.process_count()))
+    data_iter, data_start, restore_data = _data_iterator(config, task, ckpt, latest)
     if latest is None:
         state = init_state(config, spec)
     else:
-        state = ckpt.restore(latest, spec.abstract, data_iter)
+        state = ckpt.restore(latest, spec.abstract, data_iter if restore_data else None)
         logging.info("Resumed from step %d.", latest)
     start = int(state["step"])
     logging.info("Parameters: %d on mesh %s", count_params(state["params"]), dict(mesh.shape))
@@ -118,23 +157,21 @@ def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
         _append_history(workdir, {"step": 0, **initial})
         writer.write_scalars(0, initial)
 
-    batch, window, t_last = first, [], time.perf_counter()
+    batch, window, waits, t_last, skipped = first, [], [], time.perf_counter(), {}
     for step in range(start, config.total_steps):
         if step > start:
+            t_wait = time.perf_counter()
             batch = next(data_iter)
+            waits.append(time.perf_counter() - t_wait)
         state, metrics = train_step(state, sharding.host_to_global(batch, mesh), frozen)
         window.append((metrics, task.host_metrics(batch)))
         done = step + 1
         if done % config.log_every_steps == 0 or done == config.total_steps:
-            got = jax.device_get([m for m, _ in window])
-            _check_finite(got[-1]["loss"], done, workdir)
-            elapsed = time.perf_counter() - t_last
-            scalars = {name: float(np.mean([m[name] for m in got])) for name in got[0] if name != "count"}
-            scalars.update({name: float(np.mean([h[name] for _, h in window])) for name in window[0][1]})
-            scalars["steps_per_sec"] = len(window) / elapsed
-            scalars[f"{task.throughput_unit}_per_sec"] = float(sum(m["count"] for m in got)) / elapsed
+            scalars = _window_scalars(task, window, waits, time.perf_counter() - t_last)
+            _check_finite(scalars["loss"], done, workdir)
             writer.write_scalars(done, scalars)
-            window, t_last = [], time.perf_counter()
+            skipped.update({k: skipped.get(k, 0) + int(v) for k, v in scalars.items() if k.startswith("skipped")})
+            window, waits, t_last = [], [], time.perf_counter()
         if config.eval_every_steps and done % config.eval_every_steps == 0 and done != config.total_steps:
             scores = evaluate(eval_fn, state, eval_batches, frozen, mesh)
             _append_history(workdir, {"step": done, **scores})
@@ -143,9 +180,9 @@ def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
             # Never write a diverged state over good checkpoints.
             _check_finite(metrics["loss"], done, workdir)
             # The iterator already yielded this step's batch, so its state is where the next step begins.
-            ckpt.save(done, state, data_iter)
+            ckpt.save(done, state, data_iter, data_start)
 
-    summary = {"step": int(state["step"]), "trained": True}
+    summary = {"step": int(state["step"]), "trained": True, **skipped}
     final = evaluate(eval_fn, state, eval_batches, frozen, mesh)
     history = _append_history(workdir, {"step": int(state["step"]), **final})
     writer.write_scalars(int(state["step"]), final)

@@ -18,7 +18,7 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
 
 
 def _batch_shardings(mesh, batch_example: dict) -> dict:
-    return jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch_example)
+    return {k: sharding.batch_sharding(mesh) for k, _ in sharding.device_items(batch_example)}
 
 
 def make_train_step(config, spec: StateSpec, batch_example: dict):
