@@ -37,4 +37,7 @@ class LatentShards:
     def __getitem__(self, index: int) -> dict:
         from flax import serialization
         record = serialization.msgpack_restore(self._source[index])
-        return {"latent": np.asarray(record["latent"]), "caption": record["caption"], "index": int(record["index"])}
+        example = {"latent": np.asarray(record["latent"]), "caption": record["caption"], "index": int(record["index"])}
+        if "meta" in record:  # decoded sources record fps, original size and duration
+            example["meta"] = np.asarray(record["meta"], np.float32)
+        return example

@@ -119,14 +119,30 @@ def source_dataset(config, split: str, data_cfg=None) -> grain.MapDataset:
         return sources.mixture(parts, [float(w) for _, w in data_cfg.mixture])
     src = build_source(data_cfg, split)
     ds = grain.MapDataset.source(src)
-    finite = data_cfg.source != "procedural"  # the procedural world is random per index already
+    # What the source reads: held-out batches of a latent cache come from its raw source.
+    name = data_cfg.raw_source if data_cfg.source == "latents" and split != "train" else data_cfg.source
+    finite = name != "procedural"  # the procedural world is random per index already
     if finite and data_cfg.shuffle and split == "train":
         ds = ds.shuffle(seed=data_cfg.seed)
     # Finite sources run for as many epochs as training needs (reshuffled each epoch); a held-out set too
     # small for config.eval_batches full batches is repeated to fill them.
     ds = ds.repeat()
-    if data_cfg.source in DECODED:
+    if name in DECODED:
         ds = ds.random_map(decode_transform(config, data_cfg, len(src)), seed=data_cfg.seed)
+    return ds
+
+
+def raw_examples(config, split: str = "train") -> grain.MapDataset:
+    """config.data.raw_source's examples in source order, decoded to pixels, for `python -m sora_jax.encode`.
+
+    Entries of skipped files are None (and counted in sources.SKIPS).
+    """
+    data = ml_collections.ConfigDict(config.data.to_dict())
+    data.source = data.raw_source
+    src = build_source(data, split)
+    ds = grain.MapDataset.source(src)
+    if data.source in DECODED:
+        ds = ds.random_map(decode_transform(config, data, len(src)), seed=data.seed)
     return ds
 
 

@@ -37,14 +37,15 @@ def encode_dataset(config, out: str, num_examples: int, shard_size: int, split: 
     from array_record.python.array_record_module import ArrayRecordWriter
     from flax import serialization
 
-    from data_pipelines.pipeline import build_source
+    from data_pipelines.pipeline import raw_examples
     from sora_jax.models.autoencoder import build_autoencoder
 
     if num_examples <= 0 or shard_size <= 0:
         raise ValueError(f"--num_examples={num_examples} and --shard_size={shard_size} must be positive.")
     if config.autoencoder.name == "identity":
         logging.warning("config.autoencoder.name is 'identity': caching pixels, not latents.")
-    source = build_source(config.data, split, raw=True)  # pixels, whatever the DiT trains on
+    source = raw_examples(config, split)  # pixels, whatever the DiT trains on; None for a skipped file
+    num_examples = min(num_examples, len(source))  # a folder has as many examples as files
     ae = build_autoencoder(config.autoencoder)
     total = -(-num_examples // shard_size)
     os.makedirs(out, exist_ok=True)
@@ -70,11 +71,15 @@ def encode_dataset(config, out: str, num_examples: int, shard_size: int, split: 
         writer = ArrayRecordWriter(tmp, "group_size:1")
         for index in range(k * shard_size, min((k + 1) * shard_size, num_examples)):
             example = source[index]
+            if example is None:  # unreadable file or caption: skipped, counted and logged by the decoder
+                continue
             video = example["video"]
             latent = np.asarray(ae.encode(video[None])[0], np.float32)
-            writer.write(serialization.msgpack_serialize({
-                "latent": latent, "caption": example["caption"], "index": index,
-                "frames": video.shape[0], "height": video.shape[1], "width": video.shape[2]}))
+            record = {"latent": latent, "caption": example["caption"], "index": index,
+                      "frames": video.shape[0], "height": video.shape[1], "width": video.shape[2]}
+            if "meta" in example:
+                record["meta"] = np.asarray(example["meta"], np.float32)
+            writer.write(serialization.msgpack_serialize(record))
         writer.close()
         os.replace(tmp, final)
         written.append(shard_name(k, total))

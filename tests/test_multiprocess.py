@@ -44,3 +44,15 @@ def test_two_process_training_and_resume(tmp_path):
     assert len(states) == 2 and states[0] != states[1]
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert results["step"] == 4 and results["val_loss_params"] > 0
+
+    # The same work dir on ONE process: the two hosts' iterator states become one stream start.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    r = subprocess.run([sys.executable, "-m", "sora_jax.train", "--config=configs/tiny.py:smoke",
+                        f"--workdir={workdir}", "--config.total_steps=6", "--config.sample.num_prompts=0",
+                        "--config.mesh.fsdp=2", "--alsologtostderr"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "written by 2 hosts, this run has 1" in r.stderr
+    layout = json.load(open(os.path.join(workdir, "checkpoints", "6", "data_layout", "metadata")))
+    frontier = min(p + 2 * s["parent"]["next_index"] for p, s in enumerate(states))
+    assert layout == {"start": frontier, "process_count": 1}

@@ -150,3 +150,36 @@ def test_mixture_of_videos_and_images(folder, tmp_path):
     frames = info[info[:, 3] > 0, 0]
     share = float(np.mean(frames > 1))
     assert 0.45 < share < 0.95, share  # ~70% videos (images are 1 frame)
+
+
+def _first_batch_samples(c) -> np.ndarray:
+    info = next(iter(pipeline.packed_dataset(c)))["info"].reshape(-1, 5)
+    return info[info[:, 3] > 0]
+
+
+def test_tfds_and_clip_record_sources_feed_the_packer(folder, tmp_path):
+    from data_pipelines import sources
+    import tfds_fixture  # as tests/test_sources.py imports it: tfds registers the builder by module name
+    name = tfds_fixture.build(tmp_path / "tfds")
+    c = _config(folder["manifest"], **{"data.source": "tfds", "data.tfds_name": name,
+                                        "data.tfds_data_dir": str(tmp_path / "tfds")})
+    assert len(_first_batch_samples(c)) > 0
+    shards = sources.write_clip_records(sources.ManifestSource(folder["manifest"]), str(tmp_path / "clips"), 2)
+    c = _config(folder["manifest"], **{"data.source": "records", "data.records": str(tmp_path / "clips" / "*")})
+    samples = _first_batch_samples(c)
+    assert len(shards) == 2 and len(samples) > 0
+    assert set(samples[:, 0]) - {1}, "no video among the clip records"
+
+
+def test_encode_caches_a_folder_and_training_reads_the_cache(folder, tmp_path):
+    from sora_jax.encode import encode_dataset
+    c = _config(folder["manifest"], **{"data.raw_source": "folder"})
+    written = encode_dataset(c, str(tmp_path / "cache"), num_examples=1000, shard_size=8)
+    assert len(written) == 2  # 14 manifest lines -> 2 shards of 8
+    from data_pipelines.latents import LatentShards
+    cache = LatentShards(str(tmp_path / "cache"))
+    assert len(cache) == len(folder["good"])  # the captioned good lines; bad files and captions were skipped
+    c.data.update(source="latents", latent_dir=str(tmp_path / "cache"))
+    batch = next(iter(pipeline.packed_dataset(c)))
+    used = batch["info"][..., 3] > 0
+    assert used.any() and (batch["meta"][..., 1][used] > 0).all()  # original sizes survive the cache
