@@ -183,3 +183,22 @@ def test_encode_caches_a_folder_and_training_reads_the_cache(folder, tmp_path):
     batch = next(iter(pipeline.packed_dataset(c)))
     used = batch["info"][..., 3] > 0
     assert used.any() and (batch["meta"][..., 1][used] > 0).all()  # original sizes survive the cache
+
+
+def test_multiprocessing_workers_decode_resume_and_report_skips(folder):
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; the train entry point parses them
+        flags.FLAGS.mark_as_parsed()
+    c = _config(folder["manifest"], **{"data.workers": 2})
+    it = iter(pipeline.packed_dataset(c))
+    batches = [next(it) for _ in range(3)]
+    assert sum(int(b["host_skipped"].sum()) for b in batches) > 0  # counted in the workers, reported here
+    state = it.get_state()
+    want = next(it)
+    resumed = iter(pipeline.packed_dataset(c))
+    resumed.set_state(state)
+    got = next(resumed)
+    for key in ("video", "info"):
+        np.testing.assert_array_equal(want[key], got[key])
+    with pytest.raises(ValueError, match="workers"):
+        pipeline.reshard_start([state], 0, 1)

@@ -110,12 +110,14 @@ def _data_iterator(config, task, ckpt, latest) -> tuple[Any, int, bool]:
     return iter(task.train_data(pi, pc, start)), start, False
 
 
-def _window_scalars(task, window: list, waits: list, elapsed: float) -> dict:
+def _window_scalars(task, window: list, waits: list, t_start: float) -> dict:
     """Means of the device and host metrics over a logging window, plus rates and the input-wait share.
 
-    Host metrics named skipped_* are counts, so they are summed, not averaged.
+    Host metrics named skipped_* are counts, so they are summed, not averaged. The window's wall time is
+    taken after fetching its metrics: steps are dispatched asynchronously, so only then have they run.
     """
     got = jax.device_get([m for m, _ in window])
+    elapsed = time.perf_counter() - t_start
     scalars = {name: float(np.mean([m[name] for m in got])) for name in got[0] if name != "count"}
     for name in window[0][1]:
         values = [h[name] for _, h in window]
@@ -167,7 +169,7 @@ def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
         window.append((metrics, task.host_metrics(batch)))
         done = step + 1
         if done % config.log_every_steps == 0 or done == config.total_steps:
-            scalars = _window_scalars(task, window, waits, time.perf_counter() - t_last)
+            scalars = _window_scalars(task, window, waits, t_last)
             _check_finite(scalars["loss"], done, workdir)
             writer.write_scalars(done, scalars)
             skipped.update({k: skipped.get(k, 0) + int(v) for k, v in scalars.items() if k.startswith("skipped")})
