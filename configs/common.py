@@ -132,7 +132,9 @@ def base_config() -> ml_collections.ConfigDict:
         # attention "auto": blockwise on CPU, cudnn on GPU (bf16/f16; blockwise for f32), splash on TPU.
         # Memory: remat "none" | "full" | "save_dots" | "offload_dots" (host offload where the platform has
         # it); scan_layers stacks the blocks' parameters and runs them with nnx.scan (one compiled block).
-        remat="none", scan_layers=False))
+        remat="none", scan_layers=False,
+        # Condition on each sample's (fps, original height, width, duration) -- batch["meta"] -- as well.
+        meta_conditioning=False))
     # "identity" (pixel space) or "vae" with checkpoint= a directory from `python -m sora_jax.convert`.
     c.autoencoder = ml_collections.ConfigDict(dict(name="identity", checkpoint=""))
     c.text = ml_collections.ConfigDict(dict(

@@ -168,7 +168,8 @@ class ToTokens(grain.transforms.Map):
             meta = np.asarray(example["meta"], np.float32)
         elif "video" in example:  # procedural: rendered at its own size, played at the sampling fps
             t, h, w = example["video"].shape[:3]
-            meta = np.asarray([self.fps, h, w, t / self.fps], np.float32)
+            fps = self.fps if t > 1 else 0.0  # images have no frame rate, as decoded images record it
+            meta = np.asarray([fps, h, w, t / self.fps if t > 1 else 0.0], np.float32)
         else:
             meta = np.zeros(len(META_FIELDS), np.float32)
         return {

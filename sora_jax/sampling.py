@@ -84,8 +84,12 @@ class Sampler:
         return x + dt * guided_velocity(velocity, x, t, guidance)
 
     def generate(self, prompts, width: int, height: int, frames: int, steps: int = 30,
-                 guidance: float = 3.0, seed: int = 0, progress: bool = True) -> np.ndarray:
-        """Generates uint8 videos [P, frames, height, width, 3], one per prompt."""
+                 guidance: float = 3.0, seed: int = 0, progress: bool = True, fps: float = 0.0) -> np.ndarray:
+        """Generates uint8 videos [P, frames, height, width, 3], one per prompt.
+
+        fps (0: config.sample.fps) is what a metadata-conditioned model is asked for; others ignore it.
+        """
+        fps = float(fps or self.config.sample.fps)
         grid = check_request(self.config, prompts, width, height, frames, steps)
         n, p = int(np.prod(grid)), len(prompts)
         dim = int(np.prod(self.patch)) * self.autoencoder.channels
@@ -100,7 +104,11 @@ class Sampler:
             segments=jnp.ones((p, n), jnp.int32), t=jnp.ones((p, 1), jnp.float32),
             text=jnp.asarray(text), text_segments=jnp.asarray(text_seg),
             text_positions=jnp.asarray(np.broadcast_to(np.arange(max_len, dtype=np.int32), (p, max_len))),
-            drop_text=jnp.zeros((p, 1), bool))
+            drop_text=jnp.zeros((p, 1), bool),
+            # Images are 1-frame samples with no frame rate, as the data pipeline records them.
+            meta=jnp.asarray(np.broadcast_to(np.asarray([fps if frames > 1 else 0.0, height, width,
+                                                         frames / fps if frames > 1 else 0.0], np.float32),
+                                             (p, 1, 4))))
         shift = float(token_shift(jnp.float32(n), self.config.flow))
         x = jax.random.normal(jax.random.key(seed), (p, n, dim), jnp.float32)
 
@@ -117,7 +125,7 @@ class Sampler:
 def sample_to_dir(sampler: Sampler, prompts, out: str, width: int, height: int, frames: int, steps: int,
                   guidance: float, seed: int, fps: int) -> tuple[np.ndarray, list[str]]:
     """Generates and writes media + a JSON record per prompt; returns (videos, paths)."""
-    videos = sampler.generate(prompts, width, height, frames, steps, guidance, seed)
+    videos = sampler.generate(prompts, width, height, frames, steps, guidance, seed, fps=fps)
     paths = []
     for i, (prompt, video) in enumerate(zip(prompts, videos)):
         name = f"{i:03d}_{slug(prompt)}"

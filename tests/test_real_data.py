@@ -202,3 +202,28 @@ def test_multiprocessing_workers_decode_resume_and_report_skips(folder):
         np.testing.assert_array_equal(want[key], got[key])
     with pytest.raises(ValueError, match="workers"):
         pipeline.reshard_start([state], 0, 1)
+
+
+def test_metadata_conditioning_reaches_the_model(folder):
+    import jax.numpy as jnp
+
+    from sora_jax.models.dit import PackedInputs
+    from tests.conftest import randomised_model
+    c = _config(folder["manifest"])
+    assert c.model.meta_conditioning
+    batch = next(iter(pipeline.packed_dataset(c)))
+    model = randomised_model(c)
+    t = np.full(batch["info"].shape[:2], 0.5, np.float32)
+
+    def run(meta):
+        inputs = PackedInputs(*(jnp.asarray(batch[k]) for k in ("video", "video_pos", "video_seg")), jnp.asarray(t),
+                              *(jnp.asarray(batch[k]) for k in ("text", "text_seg", "text_pos")),
+                              jnp.zeros(t.shape, bool), meta)
+        return np.asarray(model(inputs))
+
+    doubled = batch["meta"].copy()
+    doubled[..., 0] *= 2  # the same clips, labelled at twice the frame rate
+    real = batch["video_seg"] > 0
+    assert np.abs(run(jnp.asarray(batch["meta"])) - run(jnp.asarray(doubled)))[real].max() > 1e-4
+    with pytest.raises(ValueError, match="meta_conditioning"):
+        run(None)

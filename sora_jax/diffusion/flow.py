@@ -71,7 +71,8 @@ def flow_loss(model, batch: dict, key: jax.Array, flow_cfg, caption_dropout: flo
     xt = (1.0 - t_tok) * x0 + t_tok * noise
     drop = jax.random.bernoulli(k_drop, caption_dropout, t.shape)
     pred = predict_velocity(model, PackedInputs(xt, batch["video_pos"], segments, t, batch["text"],
-                                                batch["text_seg"], batch["text_pos"], drop), flow_cfg)
+                                                batch["text_seg"], batch["text_pos"], drop, batch.get("meta")),
+                            flow_cfg)
     mask = (segments > 0).astype(jnp.float32)[..., None]
     denom = jnp.maximum(mask.sum() * x0.shape[-1], 1.0)
     loss = jnp.sum(mask * jnp.square(pred - (noise - x0))) / denom

@@ -30,7 +30,8 @@ class PackedInputs(NamedTuple):
     tokens [B, L, D_patch] noisy latent patches; positions [B, L, 3]; segments [B, L] (0 = padding);
     t [B, S] per-sample timestep in [0, 1] (sample k has segment id k + 1); text [B, Lt] ids;
     text_segments [B, Lt]; text_positions [B, Lt]; drop_text [B, S] True where the caption is replaced
-    by the learned null embedding (classifier-free guidance).
+    by the learned null embedding (classifier-free guidance); meta [B, S, 4] per-sample (fps, original
+    height, original width, duration in s), read only by a model built with meta_conditioning.
     """
     tokens: jax.Array
     positions: jax.Array
@@ -40,6 +41,12 @@ class PackedInputs(NamedTuple):
     text_segments: jax.Array
     text_positions: jax.Array
     drop_text: jax.Array
+    meta: jax.Array | None = None
+
+
+def meta_features(meta: jax.Array) -> jax.Array:
+    """log1p of (fps, height, width, duration): scale-free inputs for the conditioning MLP; 0 = unknown."""
+    return jnp.log1p(jnp.maximum(meta.astype(jnp.float32), 0.0))
 
 
 def modulate(x, shift, scale):
@@ -111,6 +118,12 @@ class DiT(nnx.Module):
         # does): a per-sample global signal that global attributes such as color are learned from fast.
         self.pooled_text = (dense(dim, dim, ("embed", None), rngs=rngs, zero_init=True)
                             if model_cfg.pooled_text else None)
+        # Per-sample metadata (fps, original size, duration) joins the timestep too, so one model can be asked
+        # for a frame rate or a native resolution; zero-initialised, so it starts as a no-op.
+        self.meta_mlp = nnx.data(None)
+        if model_cfg.get("meta_conditioning", False):
+            self.meta_mlp = nnx.Sequential(dense(4, dim, (None, "embed"), rngs=rngs), jax.nn.silu,
+                                           dense(dim, dim, ("embed", None), rngs=rngs, zero_init=True))
         make = lambda r: DiTBlock(dim, model_cfg.heads, model_cfg.mlp_ratio, rngs=r, backend=backend,  # noqa: E731
                                   block=block, dtype=dtype, param_dtype=param_dtype)
         if self.scan_layers:
@@ -161,6 +174,11 @@ class DiT(nnx.Module):
         temb = self.t_mlp2(jax.nn.silu(self.t_mlp1(timestep_embedding(inputs.t, 256))))  # [B, S, D]
         if self.pooled_text is not None:
             temb = temb + self.pooled_text(self.pool_text(context, inputs.text_segments, inputs.t.shape[1]))
+        if self.meta_mlp is not None:
+            if inputs.meta is None:
+                raise ValueError("this model conditions on per-sample metadata (config.model.meta_conditioning); "
+                                 "pass PackedInputs.meta [B, S, 4] = (fps, height, width, duration).")
+            temb = temb + self.meta_mlp(meta_features(inputs.meta))
         mod = gather_segments(self.t_mod(jax.nn.silu(temb)), inputs.segments)  # [B, L, 6D]
         final_mod = gather_segments(self.final_mod(jax.nn.silu(temb)), inputs.segments)
 
