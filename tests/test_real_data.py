@@ -1,7 +1,6 @@
 """Training on a folder of real encoded videos and images, bad files included: skips counted, data order
 resumed, hosts disjoint, a different host count resumed without skipping."""
 import json
-import os
 
 import numpy as np
 import pytest

@@ -154,5 +154,6 @@ def read_config(workdir: str):
     with open(path) as f:
         raw = json.load(f)
     config = ml_collections.ConfigDict(raw)
-    config.model.patch = tuple(config.model.patch)
+    if "model" in config:  # VAE runs have no DiT model section
+        config.model.patch = tuple(config.model.patch)
     return config
