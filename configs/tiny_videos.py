@@ -41,6 +41,7 @@ def get_config(arg: str | None = None):
     c.flow.update(base_shift=4.0, max_shift=8.0)
     c.text.update(tokenizer="bytes", vocabulary=(), max_len=64)
     c.model.meta_conditioning = True  # real clips differ in frame rate and native size; let the model know
+    c.eval.evaluators = ("val_loss",)  # adherence detectors judge the procedural world only
     c.data.update(source="folder", **fields)
     c.data.update(fps=8.0, clip_frames=9, max_sample_tokens=256, seq_len=512, text_len=256, num_threads=2)
     if smoke:

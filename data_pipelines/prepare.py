@@ -426,8 +426,9 @@ def format_summary(summary: Summary, videos: str) -> str:
     if summary.problems:
         lines.append(f"Every problem, one per line: {summary.report}")
     in_root = os.path.realpath(os.path.dirname(os.path.abspath(summary.manifest))) == os.path.realpath(videos)
-    root = "" if in_root else f" --config.data.root={videos}"
-    lines.append(f"Train on it: --config.data.source=folder --config.data.manifest={summary.manifest}{root}")
+    root = "" if in_root else f",root={videos}"
+    lines.append(f"Train on it: python -m sora_jax.train --config=configs/tiny_videos.py:manifest={summary.manifest}"
+                 f"{root} --workdir=DIR  (any config: --config.data.source=folder --config.data.manifest=...)")
     return "\n".join(lines)
 
 

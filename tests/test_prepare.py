@@ -155,7 +155,7 @@ def test_prepare_manifest_report_and_captions(folder, tmp_path):
     assert [r["path"] for r in (records[i] for i in range(len(records)))] == [str(root / l["path"]) for l in lines]
 
     text = prepare.format_summary(summary, str(root))
-    assert "corrupt: 2 skipped" in text and "bad_caption: 2 kept" in text and "--config.data.root" not in text
+    assert "corrupt: 2 skipped" in text and "bad_caption: 2 kept" in text and ",root=" not in text
 
     with pytest.raises(FileExistsError, match="--overwrite"):
         prepare.prepare_manifest(str(root), out, progress=False)
@@ -238,7 +238,7 @@ def test_prepare_with_captioner_in_process_and_cli(folder, captioner_dir, tmp_pa
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert _read_jsonl(cli_out) == lines
-    assert f"Wrote {len(made['good'])} files" in run.stdout and f"--config.data.root={root}" in run.stdout
+    assert f"Wrote {len(made['good'])} files" in run.stdout and f",root={root}" in run.stdout
     console = run.stdout + run.stderr
     assert "skipped bad/" not in console and "Loading weights" not in console and "I1" not in console
     assert "skipped bad/junk.mp4: corrupt" in open(cli_out + ".log").read()
