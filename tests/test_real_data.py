@@ -1,6 +1,7 @@
 """Training on a folder of real encoded videos and images, bad files included: skips counted, data order
 resumed, hosts disjoint, a different host count resumed without skipping."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -226,3 +227,12 @@ def test_metadata_conditioning_reaches_the_model(folder):
     assert np.abs(run(jnp.asarray(batch["meta"])) - run(jnp.asarray(doubled)))[real].max() > 1e-4
     with pytest.raises(ValueError, match="meta_conditioning"):
         run(None)
+
+
+def test_a_folder_with_nothing_readable_is_a_clear_error(folder, tmp_path):
+    from data_pipelines.sources import NoReadableExamples
+    manifest = write_manifest(folder["root"], [(p, None) for p in folder["good"]] + [(p, "x") for p in folder["bad"]],
+                              name="unusable.jsonl")
+    with pytest.raises(NoReadableExamples, match="none could be used"):
+        train_and_evaluate(_config(str(manifest)), str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "0")

@@ -16,6 +16,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from data_pipelines.sources import NoReadableExamples
 from sora_jax import sharding
 from sora_jax.config_validation import ConfigError
 from sora_jax.train.checkpointing import CheckpointMismatchError
@@ -37,7 +38,7 @@ def main(argv):
         if summary.get("trained") and jax.process_index() == 0:
             from sora_jax.tasks import build_task
             summary.update(build_task(config).after_training(FLAGS.workdir))
-    except (ConfigError, CheckpointMismatchError) as e:
+    except (ConfigError, CheckpointMismatchError, NoReadableExamples) as e:
         sys.exit(f"error: {e}")
     if jax.process_index() == 0 and summary.get("trained"):
         with open(os.path.join(FLAGS.workdir, "results.json"), "w") as f:
