@@ -234,23 +234,36 @@ def probe(src: str | bytes, limits: Limits = Limits()) -> MediaInfo:
         "empty" (0 bytes), "no_video_stream" (e.g. audio only), "too_large" (over ``limits``, decided
         from the header) or "corrupt" (anything unreadable).
     """
-    name = _name(src)
+    info, container = _inspect(src, _name(src), limits)
+    if container is not None:
+        container.close()
+    return info
+
+
+def _inspect(src, name: str, limits: Limits):
+    """probe()'s work: (info, the video's open container or None for an image); the caller closes it, so
+    decode() reads a clip from the container its header came from instead of opening the file twice."""
     if _byte_size(src, name) == 0:
         raise BadMedia("empty", f"{name} is empty (0 bytes); re-export or remove it.")
     img = _open_image(src, name)
     if img is not None:
         with img:
             info = _image_info(img)
-    else:
-        with _open_video(src, name) as container:
-            try:
-                info = _video_info(container, name)
-            except BadMedia:
-                raise
-            except Exception as e:  # Odd container metadata must not escape as a non-BadMedia error.
-                raise BadMedia("corrupt", f"{name}: unreadable video metadata ({e}); re-encode it.") from e
-    _check_limits(info, name, limits)
-    return info
+        _check_limits(info, name, limits)
+        return info, None
+    container = _open_video(src, name)
+    try:
+        try:
+            info = _video_info(container, name)
+        except BadMedia:
+            raise
+        except Exception as e:  # Odd container metadata must not escape as a non-BadMedia error.
+            raise BadMedia("corrupt", f"{name}: unreadable video metadata ({e}); re-encode it.") from e
+        _check_limits(info, name, limits)
+    except BaseException:
+        container.close()
+        raise
+    return info, container
 
 
 def frame_stride(native_fps: float, fps: float) -> int:
@@ -400,14 +413,15 @@ def decode(src: str | bytes, *, fps: float = 0.0, max_frames: int, frame_stride_
     if start is not None and start < 0:
         raise ValueError(f"decode start must be >= 0 seconds, got {start}.")
     name = _name(src)
-    info = probe(src, limits)
+    info, container = _inspect(src, name, limits)
     meta = dict(orig_height=info.height, orig_width=info.width, duration=info.duration)
-    if info.kind == "image":
+    if container is None:
         return _decode_image(src, name, info), dict(meta, fps=0.0, start=0.0)
-    stride = frame_stride(info.fps, fps)
-    first, count = _plan_clip(info, stride, max_frames, frame_stride_rule, start, rng)
-    frames, first_taken, error = [], first, "the stream ended"
-    with _open_video(src, name) as container:
+    frames, error = [], "the stream ended"
+    with container:
+        stride = frame_stride(info.fps, fps)
+        first, count = _plan_clip(info, stride, max_frames, frame_stride_rule, start, rng)
+        first_taken = first
         try:
             frames, first_taken = _read_frames(container, info, first, stride, count)
         except Exception as e:
