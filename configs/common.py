@@ -37,6 +37,14 @@ def trainer_config() -> ml_collections.ConfigDict:
     # axes the rules put parameters on; fsdp x tensor by default) by at most this fraction; beyond it the
     # run stops before compiling. Negative disables it.
     c.param_sharding_tolerance = 0.02
+    # A step whose loss, gradient or updated parameters are not finite: "stop" (no save; the last
+    # checkpoint stays the newest), "skip" (drop that update, count it; stop after nonfinite_max_skips in
+    # a row) or "rollback" (restore the newest checkpoint, multiply the learning rate by
+    # nonfinite_lr_factor, go on; at most nonfinite_max_rollbacks times).
+    c.nonfinite = "stop"
+    c.nonfinite_max_skips = 3
+    c.nonfinite_lr_factor = 0.5
+    c.nonfinite_max_rollbacks = 3
     return c
 
 

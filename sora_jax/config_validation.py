@@ -65,6 +65,12 @@ def validate_common(config) -> None:
     for name in ("lr", "warmup_steps", "grad_clip"):
         _require(config.optim[name] >= 0, f"config.optim.{name}={config.optim[name]} must be >= 0.")
     _require(0.0 <= config.ema_decay < 1.0, f"config.ema_decay={config.ema_decay} must be in [0, 1).")
+    _require(config.get("nonfinite", "stop") in ("stop", "skip", "rollback"),
+             f"config.nonfinite={config.get('nonfinite')!r}; choose 'stop', 'skip' or 'rollback'.")
+    _require(config.get("nonfinite_max_skips", 1) >= 1 and config.get("nonfinite_max_rollbacks", 1) >= 1,
+             "config.nonfinite_max_skips and config.nonfinite_max_rollbacks must be >= 1.")
+    _require(0.0 < config.get("nonfinite_lr_factor", 0.5) < 1.0,
+             f"config.nonfinite_lr_factor={config.get('nonfinite_lr_factor')} must be in (0, 1).")
     _require(config.optim.get("mu_dtype", "float32") in ("float32", "bfloat16"),
              f"config.optim.mu_dtype={config.optim.get('mu_dtype')!r}; choose 'float32' or 'bfloat16'.")
 

@@ -306,7 +306,8 @@ def test_vae_reconstruction(tmp_path):
     model = spec.task.build_model(nnx.Rngs(config.seed))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     ckpt = checkpointing.Checkpointer(workdir)
-    ckpt.save(2, {"step": np.int32(2), "params": params, "opt_state": spec.tx.init(params), "ema": params})
+    ckpt.save(2, {"step": np.int32(2), "params": params, "opt_state": spec.tx.init(params), "ema": params,
+                  "lr_scale": np.float32(1.0)})
     ckpt.close()
     checkpointing.write_config(workdir, config)
 

@@ -32,17 +32,21 @@ def main(argv):
         raise app.UsageError("--config and --workdir are required.")
     config = FLAGS.config
     sharding.maybe_initialize_distributed(config.distributed)
-    from sora_jax.train.loop import train_and_evaluate
+    from sora_jax.train.loop import pending_marker, train_and_evaluate
     try:
         summary = train_and_evaluate(config, FLAGS.workdir)
-        if summary.get("trained") and jax.process_index() == 0:
+        done = summary.get("trained") or summary.get("finish")
+        if done and jax.process_index() == 0:
             from sora_jax.tasks import build_task
+            # If this part is interrupted (e.g. preempted while sampling), a rerun does it again.
+            open(pending_marker(FLAGS.workdir), "w").close()
             summary.update(build_task(config).after_training(FLAGS.workdir))
     except (ConfigError, CheckpointMismatchError, NoReadableExamples) as e:
         sys.exit(f"error: {e}")
-    if jax.process_index() == 0 and summary.get("trained"):
+    if jax.process_index() == 0 and done:
         with open(os.path.join(FLAGS.workdir, "results.json"), "w") as f:
             json.dump(summary, f, indent=2)
+        os.remove(pending_marker(FLAGS.workdir))
         for key in ("val_loss_initial", "val_loss_ema", "val_loss_params", "color_accuracy", "val_psnr_ema",
                     "val_ssim_ema", "val_psnr_image_ema", "val_ssim_image_ema"):
             if summary.get(key) is not None:

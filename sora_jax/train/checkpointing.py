@@ -4,22 +4,40 @@ Before a restore, the checkpoint's recorded shapes are compared with the config'
 an error that names the tensor and both shapes, raised before anything compiles, and the checkpoint is
 left untouched. The config of a run is stored beside its checkpoints (config.json) for sampling and
 evaluation jobs.
+
+Damaged steps (a truncated or missing file, unparsable metadata or iterator state) are not fatal: the
+trainer (restore_newest_good) moves such a step aside to WORKDIR/checkpoints_bad/<step>-<unix time>,
+never deleting it, says so in one line, and falls back to the next newest step, or to a fresh start when
+none is left. Read-only jobs (restore_params_newest_good) skip damaged steps and move nothing. A good
+checkpoint of a differently shaped model is never taken for a damaged one: it stays a
+CheckpointMismatchError.
 """
 from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
-from typing import Any
+import shutil
+import sys
+import time
+from typing import Any, Callable
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+BAD_DIR = "checkpoints_bad"
 
 
 class CheckpointMismatchError(ValueError):
     """The work dir holds a checkpoint of a differently shaped model."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint step cannot be read back: one of its files is missing, truncated or unparsable."""
 
 
 def _name(path) -> str:
@@ -39,10 +57,106 @@ def _restore_args(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestor
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
 
 
+def _reason(error: BaseException) -> str:
+    """Why a read failed, in one line: the root cause's type and first line.
+
+    orbax wraps tensorstore's errors (OUT_OF_RANGE, DATA_LOSS) in a generic Exception whose own message is
+    a page of JSON, so the innermost cause is the informative one.
+    """
+    root = error
+    while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+        root = root.__cause__ or root.__context__
+    lines = str(root).strip().splitlines() or [""]
+    line = lines[0].strip() or repr(root)
+    return f"{type(root).__name__}: {line[:300]}"
+
+
+def _is_damage(error: Exception) -> bool:
+    """Whether a failed read means the step's files are damaged, rather than something moving the step aside
+    would not fix: a checkpoint of another model, or device memory or a device failing."""
+    if isinstance(error, CorruptCheckpointError):
+        return True
+    if isinstance(error, (CheckpointMismatchError, MemoryError, jax.errors.JaxRuntimeError)):
+        return False
+    return "RESOURCE_EXHAUSTED" not in _reason(error)
+
+
+def _why(error: Exception) -> str:
+    """A CorruptCheckpointError's own message (it already names what broke), else the root cause."""
+    return str(error) if isinstance(error, CorruptCheckpointError) else _reason(error)
+
+
+def _load_json(path: str) -> Any:
+    """A JSON file of a checkpoint; CorruptCheckpointError naming the file if it cannot be read or parsed."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"{path} does not read back: {_reason(e)}") from e
+
+
+def _all_agree(ok: bool) -> bool:
+    """True when every process read the step: damage seen by any host makes the step bad for all of them."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def _quiet_abandoned_reads() -> None:
+    """Drops the noise of a failed restore, keeping its one-line report readable.
+
+    When one array read fails, orbax abandons the others, and each turns the GeneratorExit that closes it
+    into an Exception that Python prints as a page ("Exception ignored in <coroutine
+    _read_array_index_and_device_put>", TensorStore spec included). Only that case is dropped; every other
+    unraisable exception still reaches the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_abandoned_reads", False):
+        return
+
+    def hook(unraisable):
+        cause = getattr(unraisable.exc_value, "__cause__", None)
+        if not (isinstance(cause, GeneratorExit)
+                and getattr(unraisable.object, "__name__", "") == "_read_array_index_and_device_put"):
+            previous(unraisable)
+    hook.quiets_abandoned_reads = True
+    sys.unraisablehook = hook
+
+
+def _report(line: str) -> None:
+    logging.warning(line)
+    if jax.process_index() == 0:
+        print(line, flush=True)
+
+
+def _compare_shapes(stored: Any, abstract: Any, workdir: str, step: int) -> None:
+    """Raises CheckpointMismatchError naming the first tensor whose presence or shape differs."""
+    stored_shapes = {_name(p): tuple(getattr(m, "shape", ())) for p, m in jax.tree_util.tree_leaves_with_path(stored)}
+    wanted = {_name(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(abstract)}
+    for name, want in wanted.items():
+        if name not in stored_shapes:
+            raise CheckpointMismatchError(
+                f"{workdir} holds a checkpoint (step {step}) of a different model: tensor {name} is missing "
+                f"from it. Use a fresh --workdir, or the config that wrote it (config.json there).")
+        if stored_shapes[name] != want:
+            raise CheckpointMismatchError(
+                f"{workdir} holds a checkpoint (step {step}) of a differently shaped model: tensor {name} "
+                f"has shape {stored_shapes[name]} in the checkpoint but {want} in the config. "
+                f"Use a fresh --workdir, or the config that wrote it (config.json there).")
+    extra = set(stored_shapes) - set(wanted)
+    if extra:
+        raise CheckpointMismatchError(
+            f"{workdir} holds a checkpoint (step {step}) of a different model: it has tensors the config "
+            f"lacks, e.g. {sorted(extra)[0]}. Use a fresh --workdir or the config that wrote it.")
+
+
 class Checkpointer:
     """Async CheckpointManager over WORKDIR/checkpoints with items "state" and "data"."""
 
     def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
+        self.workdir, self.read_only = workdir, read_only
+        self.moved_aside: list[str] = []  # where this object moved damaged steps, oldest first
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                                enable_async_checkpointing=not read_only)
@@ -70,52 +184,128 @@ class Checkpointer:
         """(process count, per-process iterator states, stream start) saved at `step`; None without data.
 
         Read from the files grain writes (process_<i>-of-<n>.json), so it works whatever the current
-        process count is.
+        process count is. Raises CorruptCheckpointError when a file is missing or does not parse.
         """
         data_dir = os.path.join(self.directory, str(step), "data")
         found = {}
         for path in glob.glob(os.path.join(data_dir, "process_*-of-*.json")):
             m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", os.path.basename(path))
             if m:
-                with open(path) as f:
-                    found[(int(m.group(2)), int(m.group(1)))] = json.load(f)
-        if not found:
-            return None
-        count = max(n for n, _ in found)
-        states = [found.get((count, i)) for i in range(count)]
-        if any(s is None for s in states):
-            raise CheckpointMismatchError(f"{data_dir} lacks the iterator state of some of its {count} hosts.")
+                found[(int(m.group(2)), int(m.group(1)))] = _load_json(path)
         layout_path = os.path.join(self.directory, str(step), "data_layout", "metadata")
         start = 0
         if os.path.exists(layout_path):
-            with open(layout_path) as f:
-                start = int(json.load(f).get("start", 0))
-        return count, states, start
+            layout = _load_json(layout_path)
+            start = int(layout.get("start", 0)) if isinstance(layout, dict) else 0
+        if not found:
+            if os.path.isdir(data_dir):  # the item was saved, its state file is gone
+                raise CorruptCheckpointError(f"{data_dir} holds no iterator state (process_*-of-*.json)")
+            return None
+        count = max(n for n, _ in found)
+        if any((count, i) not in found for i in range(count)):
+            raise CorruptCheckpointError(f"{data_dir} lacks the iterator state of some of its {count} hosts")
+        return count, [found[(count, i)] for i in range(count)], start
 
-    def check_compatible(self, step: int, abstract_state: Any, workdir: str) -> None:
-        """Raises CheckpointMismatchError if any tensor's shape differs from the config's model."""
-        stored = self.manager.item_metadata(step)["state"]
+    def _stored_state_metadata(self, step: int) -> Any:
+        """The "state" item's metadata tree; CorruptCheckpointError when it cannot be read."""
+        try:
+            stored = self.manager.item_metadata(step)["state"]
+        except Exception as e:  # orbax, tensorstore and json each raise their own types
+            if not _is_damage(e):
+                raise
+            raise CorruptCheckpointError(f"state metadata unreadable: {_reason(e)}") from e
         if stored is None:
-            raise CheckpointMismatchError(f"{workdir}: checkpoint step {step} has no readable metadata; it may be "
-                                          "corrupt or from another program. Use a fresh --workdir.")
-        stored_shapes = {_name(p): tuple(getattr(m, "shape", ()))
-                         for p, m in jax.tree_util.tree_leaves_with_path(stored)}
-        wanted = {_name(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
-        for name, want in wanted.items():
-            if name not in stored_shapes:
-                raise CheckpointMismatchError(
-                    f"{workdir} holds a checkpoint (step {step}) of a different model: tensor {name} is missing "
-                    f"from it. Use a fresh --workdir, or the config that wrote it (config.json there).")
-            if stored_shapes[name] != want:
-                raise CheckpointMismatchError(
-                    f"{workdir} holds a checkpoint (step {step}) of a differently shaped model: tensor {name} "
-                    f"has shape {stored_shapes[name]} in the checkpoint but {want} in the config. "
-                    f"Use a fresh --workdir, or the config that wrote it (config.json there).")
-        extra = set(stored_shapes) - set(wanted)
-        if extra:
-            raise CheckpointMismatchError(
-                f"{workdir} holds a checkpoint (step {step}) of a different model: it has tensors the config "
-                f"lacks, e.g. {sorted(extra)[0]}. Use a fresh --workdir or the config that wrote it.")
+            raise CorruptCheckpointError("state metadata unreadable: orbax found none")
+        return stored
+
+    def check_compatible(self, step: int, abstract_state: Any, workdir: str | None = None) -> None:
+        """Raises CheckpointMismatchError if any tensor's shape differs from the config's model, and
+        CorruptCheckpointError if the step's metadata cannot be read."""
+        _compare_shapes(self._stored_state_metadata(step), abstract_state, workdir or self.workdir, step)
+
+    def verify(self, step: int, abstract_state: Any, workdir: str | None = None) -> None:
+        """The checks that read no arrays: metadata readable and matching, iterator states parse.
+
+        Raises:
+          CorruptCheckpointError: something is unreadable (the step is damaged).
+          CheckpointMismatchError: the step is readable but of a differently shaped model.
+        """
+        self.check_compatible(step, abstract_state, workdir)
+        self.data_states(step)
+
+    def move_aside(self, step: int, reason: str) -> str:
+        """Moves a damaged step to WORKDIR/checkpoints_bad/<step>-<unix time> (never deletes it) and makes
+        the manager forget it; returns the new path. Process 0 moves, the others wait for it."""
+        if self.read_only:
+            raise PermissionError(f"{self.directory} is opened read-only: step {step} cannot be moved aside.")
+        bad_root = os.path.join(os.path.dirname(self.directory), BAD_DIR)
+        dest, n = os.path.join(bad_root, f"{step}-{int(time.time())}"), 1
+        while os.path.exists(dest):  # the same step damaged twice within a second
+            dest, n = os.path.join(bad_root, f"{step}-{int(time.time())}-{n}"), n + 1
+        if jax.process_index() == 0:
+            os.makedirs(bad_root, exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+        self.manager.reload()  # its step list is cached
+        self.moved_aside.append(dest)
+        _report(f"Checkpoint step {step} in {self.directory} is unreadable ({reason}); moved it to {dest}.")
+        return dest
+
+    def newest_good_step(self, abstract_state: Any, workdir: str | None = None) -> int | None:
+        """The newest step that passes verify(); newer damaged steps are moved aside first.
+
+        Cheap (no arrays are read): a step whose array data is truncated passes, and restore_newest_good
+        catches it. A readable step of another model raises CheckpointMismatchError and is left alone.
+        """
+        while (step := self.latest_step()) is not None:
+            try:
+                self.verify(step, abstract_state, workdir)
+                reason = None
+            except CorruptCheckpointError as e:
+                reason = _why(e)
+            if _all_agree(reason is None):
+                return step
+            self.move_aside(step, reason or "another process could not read it")
+        return None
+
+    def restore_newest_good(self, abstract_state: Any, workdir: str | None = None,
+                            make_data: Callable[[int | None], tuple] | None = None) -> tuple[int | None, Any, Any]:
+        """Restores the newest step that reads back whole; damaged steps are moved aside on the way.
+
+        Args:
+          abstract_state: ShapeDtypeStructs carrying the target shardings (state_spec(...).abstract).
+          workdir: the work dir as the user named it, for messages.
+          make_data: step (None: a fresh start) -> (data iterator, data start, whether to restore the
+            iterator's state). Called for each step tried, so every attempt pairs a step with an iterator
+            built for it (an older step may come from a different number of hosts), and an iterator that a
+            failed attempt restored in part is dropped. The iterator is restored in place.
+
+        Returns:
+          (step, state, data): data is make_data's result for that step; step and state are None when no
+          step is left (the caller starts fresh; a line says so if any step was moved aside).
+        """
+        while True:
+            step = self.newest_good_step(abstract_state, workdir)
+            data = make_data(step) if make_data is not None else None
+            if step is None:
+                break
+            iterator = data[0] if data is not None and data[2] else None
+            try:
+                state, reason = self.restore(step, abstract_state, iterator), None
+            except Exception as e:  # arrays restored before the failure die with this frame
+                if not _is_damage(e):
+                    raise
+                _quiet_abandoned_reads()
+                state, reason = None, _why(e)
+            if _all_agree(reason is None):
+                return step, state, data
+            self.move_aside(step, reason or "another process could not read it")
+        if self.moved_aside:  # this run moved steps aside (here or in newest_good_step): say what happens now
+            _report(f"No readable checkpoint is left in {self.directory} (the damaged ones are in "
+                    f"{os.path.join(os.path.dirname(self.directory), BAD_DIR)}); starting from step 0.")
+        return None, None, data
 
     def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
         """Restores into the abstract state's shardings (and the iterator in place)."""
@@ -129,6 +319,42 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=_restore_args({which: abstract_params}, partial=True)))
         return restored["state"][which]
+
+    def try_restore_params(self, step: int, abstract_params: Any, which: str = "ema",
+                           abstract_state: Any = None) -> Any | None:
+        """restore_params, or None after one line saying why if the step is damaged (nothing is moved).
+
+        The stored shapes are checked first: those of `which`, or of the whole state when abstract_state
+        is given. Raises CheckpointMismatchError for a readable step of a differently shaped model.
+        """
+        try:
+            stored = self._stored_state_metadata(step)
+            if abstract_state is None:  # a missing `which` reads as its tensors missing: a mismatch
+                stored, abstract_state = {k: v for k, v in stored.items() if k == which}, {which: abstract_params}
+            _compare_shapes(stored, abstract_state, self.workdir, step)
+            params, reason = self.restore_params(step, abstract_params, which), None
+        except Exception as e:
+            # A step deleted while being read (training keeps config.keep_checkpoints) is not damaged.
+            if not _is_damage(e) or not os.path.isdir(os.path.join(self.directory, str(step))):
+                raise
+            _quiet_abandoned_reads()
+            params, reason = None, _why(e)
+        if _all_agree(reason is None):
+            return params
+        _report(f"Skipping checkpoint step {step} in {self.directory}: it is unreadable "
+                f"({reason or 'another process could not read it'}); left in place.")
+        return None
+
+    def restore_params_newest_good(self, abstract_params: Any, which: str = "ema") -> tuple[int | None, Any]:
+        """(step, params) of the newest step whose `which` params read back; (None, None) if none does.
+
+        For read-only jobs (sampling, evaluation): damaged steps are skipped with a line each, never moved.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            params = self.try_restore_params(step, abstract_params, which)
+            if params is not None:
+                return step, params
+        return None, None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -14,6 +14,7 @@ from sora_jax import sharding
 from sora_jax.config_validation import ConfigError, validate, validate_for_mesh
 from sora_jax.tasks import build_task
 from sora_jax.train import checkpointing
+from sora_jax.train.guards import NonFiniteGuard, PreemptionWatch
 from sora_jax.train.state import count_params, init_state, state_spec
 from sora_jax.train.step import make_eval_step, make_train_step
 
@@ -33,13 +34,6 @@ def _append_history(workdir: str, record: dict) -> list[dict]:
         json.dump(history, f, indent=2)
     os.replace(path + ".tmp", path)
     return history
-
-
-def _check_finite(loss, step: int, workdir: str) -> None:
-    if not np.isfinite(float(loss)):
-        raise FloatingPointError(
-            f"training loss is {float(loss)} at step {step}; stopping without saving. The last good checkpoint "
-            f"in {workdir} is intact: lower config.optim.lr or raise config.optim.warmup_steps and resume.")
 
 
 def evaluate(eval_fn, state: dict, batches: list[dict], frozen, mesh) -> dict:
@@ -79,14 +73,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if latest is not None:
             ckpt.check_compatible(latest, spec.abstract, workdir)
             if latest >= config.total_steps:
-                logging.info("%s: checkpoint is already at step %d >= total_steps=%d; nothing to train.",
-                             workdir, latest, config.total_steps)
-                print(f"Checkpoint in {workdir} is already at step {latest} (total_steps={config.total_steps}); "
-                      "nothing to train.")
                 ckpt.close()
-                return {"step": latest, "trained": False}
+                return _already_trained(config, workdir, latest)
         checkpointing.write_config(workdir, config)
         return _run(config, workdir, ckpt, spec, latest, mesh)
+
+
+def pending_marker(workdir: str) -> str:
+    """A file that exists while the train command's after-training part (samples, results.json) runs."""
+    return os.path.join(workdir, "after_training.pending")
+
+
+def _already_trained(config, workdir: str, latest: int) -> dict:
+    """The summary of a run whose checkpoint is at total_steps. If it was stopped after training but
+    before its results were written (e.g. preempted while sampling), "finish" asks for that part again."""
+    print(f"Checkpoint in {workdir} is already at step {latest} (total_steps={config.total_steps}); "
+          "nothing to train.")
+    if not os.path.exists(pending_marker(workdir)) or not os.path.exists(_history_path(workdir)):
+        return {"step": latest, "trained": False}
+    with open(_history_path(workdir)) as f:
+        last = json.load(f)[-1]
+    print("Its results were never written (interrupted after training): finishing them.")
+    return {**{k: v for k, v in last.items() if k != "step"}, "step": latest, "trained": False, "finish": True}
 
 
 def _data_iterator(config, task, ckpt, latest) -> tuple[Any, int, bool]:
@@ -153,39 +161,23 @@ def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
                      mem.temp_size_in_bytes / 2**20, mem.argument_size_in_bytes / 2**20)
     eval_batches = task.eval_data(jax.process_index(), jax.process_count())
     eval_fn = make_eval_step(config, spec, eval_batches[0])
-
+    run = _Run(config, workdir, ckpt, spec, mesh, writer, data_iter, data_start, train_step, frozen,
+               lambda st: evaluate(eval_fn, st, eval_batches, frozen, mesh))
     if start == 0:
-        initial = evaluate(eval_fn, state, eval_batches, frozen, mesh)
+        initial = run.evaluate(state)
         _append_history(workdir, {"step": 0, **initial})
         writer.write_scalars(0, initial)
 
-    batch, window, waits, t_last, skipped = first, [], [], time.perf_counter(), {}
-    for step in range(start, config.total_steps):
-        if step > start:
-            t_wait = time.perf_counter()
-            batch = next(data_iter)
-            waits.append(time.perf_counter() - t_wait)
-        state, metrics = train_step(state, sharding.host_to_global(batch, mesh), frozen)
-        window.append((metrics, task.host_metrics(batch)))
-        done = step + 1
-        if done % config.log_every_steps == 0 or done == config.total_steps:
-            scalars = _window_scalars(task, window, waits, t_last)
-            _check_finite(scalars["loss"], done, workdir)
-            writer.write_scalars(done, scalars)
-            skipped.update({k: skipped.get(k, 0) + int(v) for k, v in scalars.items() if k.startswith("skipped")})
-            window, waits, t_last = [], [], time.perf_counter()
-        if config.eval_every_steps and done % config.eval_every_steps == 0 and done != config.total_steps:
-            scores = evaluate(eval_fn, state, eval_batches, frozen, mesh)
-            _append_history(workdir, {"step": done, **scores})
-            writer.write_scalars(done, scores)
-        if done % config.checkpoint_every_steps == 0 or done == config.total_steps:
-            # Never write a diverged state over good checkpoints.
-            _check_finite(metrics["loss"], done, workdir)
-            # The iterator already yielded this step's batch, so its state is where the next step begins.
-            ckpt.save(done, state, data_iter, data_start)
-
-    summary = {"step": int(state["step"]), "trained": True, **skipped}
-    final = evaluate(eval_fn, state, eval_batches, frozen, mesh)
+    with PreemptionWatch() as watch:
+        state, preempted = run.train(state, first, watch)
+    if preempted:
+        ckpt.close()
+        writer.flush()
+        return {"step": int(state["step"]), "trained": False, "preempted": watch.signal_name or "SIGTERM"}
+    summary = {"step": int(state["step"]), "trained": True, **run.skipped}
+    if run.guard.skipped or run.guard.rollbacks:
+        summary.update(nonfinite_skipped=run.guard.skipped, nonfinite_rollbacks=run.guard.rollbacks)
+    final = run.evaluate(state)
     history = _append_history(workdir, {"step": int(state["step"]), **final})
     writer.write_scalars(int(state["step"]), final)
     summary.update(final)
@@ -195,3 +187,75 @@ def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
     ckpt.close()
     writer.flush()
     return summary
+
+
+class _Run:
+    """The step loop of one training run: logging windows, evaluation, checkpoints, preemption, and the
+    non-finite policy (which may roll the state and the data iterator back to the newest checkpoint)."""
+
+    def __init__(self, config, workdir, ckpt, spec, mesh, writer, data_iter, data_start, train_step, frozen,
+                 evaluate_fn):
+        self.config, self.workdir, self.ckpt, self.spec, self.mesh = config, workdir, ckpt, spec, mesh
+        self.writer, self.data_iter, self.data_start = writer, data_iter, data_start
+        self.train_step, self.frozen, self.evaluate = train_step, frozen, evaluate_fn
+        self.guard = NonFiniteGuard(config, workdir)
+        self.skipped: dict = {}
+        self.window, self.waits, self.t_last = [], [], time.perf_counter()
+
+    def train(self, state, first, watch) -> tuple[dict, bool]:
+        """Steps from state["step"] to config.total_steps; returns (state, whether preemption stopped it)."""
+        c, batch, step = self.config, first, int(state["step"])
+        while step < c.total_steps:
+            if batch is None:
+                t_wait = time.perf_counter()
+                batch = next(self.data_iter)
+                self.waits.append(time.perf_counter() - t_wait)
+            state, metrics = self.train_step(state, sharding.host_to_global(batch, self.mesh), self.frozen)
+            self.window.append((metrics, self.spec.task.host_metrics(batch)))
+            step, batch = step + 1, None
+            self.guard.add(step, metrics)
+            if step % c.log_every_steps == 0 or step == c.total_steps:
+                self._log(step)
+            preempted = watch.should_stop(step)  # every step: the multi-host sync point needs each one
+            save = step % c.checkpoint_every_steps == 0 or step == c.total_steps or preempted
+            if save or step % c.log_every_steps == 0:
+                bad = self.guard.check()  # every step before a save is judged; raises under "stop"
+                if bad is not None:  # config.nonfinite="rollback"
+                    state = self._rollback(bad)
+                    step = int(state["step"])
+                    continue
+            if c.eval_every_steps and step % c.eval_every_steps == 0 and step != c.total_steps:
+                scores = self.evaluate(state)
+                _append_history(self.workdir, {"step": step, **scores})
+                self.writer.write_scalars(step, scores)
+            if save:
+                # The iterator already yielded this step's batch, so its state is where the next step begins.
+                self.ckpt.save(step, state, self.data_iter, self.data_start)
+            if preempted:
+                self.ckpt.wait()
+                print(f"Stopped at step {step} ({watch.signal_name or 'preemption'}): checkpoint {step} is saved in "
+                      f"{self.workdir}; run the same command again to resume.", flush=True)
+                return state, True
+        return state, False
+
+    def _log(self, step: int) -> None:
+        scalars = _window_scalars(self.spec.task, self.window, self.waits, self.t_last)
+        self.writer.write_scalars(step, scalars)
+        self.skipped.update({k: self.skipped.get(k, 0) + int(v) for k, v in scalars.items() if k.startswith("skipped")})
+        self.window, self.waits, self.t_last = [], [], time.perf_counter()
+
+    def _rollback(self, bad: int) -> dict:
+        """The newest checkpoint's state (the data iterator goes back with it), its learning-rate scale
+        lowered by config.nonfinite_lr_factor."""
+        self.ckpt.wait()
+        good = self.ckpt.latest_step()
+        if good is None:
+            self.guard._fail(f"step {bad} was not finite and there is no checkpoint to roll back to")
+        state = self.ckpt.restore(good, self.spec.abstract, self.data_iter)
+        scale = float(state["lr_scale"]) * self.guard.lr_factor
+        state["lr_scale"] = jax.device_put(np.float32(scale), self.spec.shardings["lr_scale"])
+        logging.warning("step %d was not finite: rolled back to checkpoint %d with the learning rate x%.3g.",
+                        bad, good, scale)
+        print(f"Step {bad} was not finite: rolled back to step {good}, learning rate x{scale:.3g}.", flush=True)
+        self.window, self.waits, self.t_last = [], [], time.perf_counter()
+        return state

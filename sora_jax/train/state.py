@@ -77,8 +77,11 @@ def state_spec(config, mesh: Mesh, task=None) -> StateSpec:
     replicated = NamedSharding(mesh, P())
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
                                    transform_non_params=lambda _: replicated)
-    shardings = {"step": replicated, "params": param_sh, "opt_state": opt_sh, "ema": param_sh}
-    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": pure, "opt_state": abstract_opt, "ema": pure}
+    # lr_scale multiplies every update: 1 until a non-finite rollback lowers it (config.nonfinite), and
+    # checkpointed with the rest so a resumed run keeps the lowered rate.
+    shardings = {"step": replicated, "params": param_sh, "opt_state": opt_sh, "ema": param_sh, "lr_scale": replicated}
+    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": pure, "opt_state": abstract_opt, "ema": pure,
+              "lr_scale": jax.ShapeDtypeStruct((), jnp.float32)}
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     return StateSpec(graphdef, abstract, shardings, tx, mesh, task, report)
 
@@ -89,7 +92,7 @@ def init_state(config, spec: StateSpec) -> dict:
         model = spec.task.build_model(nnx.Rngs(config.seed))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": spec.tx.init(params),
-                "ema": jax.tree.map(jnp.copy, params)}
+                "ema": jax.tree.map(jnp.copy, params), "lr_scale": jnp.ones((), jnp.float32)}
     return jax.jit(init, out_shardings=spec.shardings)()
 
 

@@ -29,6 +29,7 @@ def make_train_step(config, spec: StateSpec, batch_example: dict):
     """
     graphdef, tx, task = spec.graphdef, spec.tx, spec.task
     base_key = jax.random.key(config.seed)
+    skip_nonfinite = config.get("nonfinite", "stop") == "skip"
 
     def train_step(state, batch, frozen):
         key = jax.random.fold_in(base_key, state["step"])
@@ -38,11 +39,18 @@ def make_train_step(config, spec: StateSpec, batch_example: dict):
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        updates = jax.tree.map(lambda u: u * state["lr_scale"].astype(u.dtype), updates)
         params = optax.apply_updates(state["params"], updates)
         decay = ema_decay_at(state["step"], config.ema_decay)
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema}, metrics
+        grad_norm = optax.tree.norm(grads)
+        # The state after the update is what a checkpoint would hold, so that is what is judged.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+        new = {"params": params, "opt_state": opt_state, "ema": ema}
+        if skip_nonfinite:  # config.nonfinite="skip": a non-finite step leaves the state as it was
+            new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, {k: state[k] for k in new})
+        metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": 1.0 - finite.astype(jnp.float32), **aux}
+        return {"step": state["step"] + 1, **new, "lr_scale": state["lr_scale"]}, metrics
 
     replicated = NamedSharding(spec.mesh, P())
     return jax.jit(train_step, in_shardings=(spec.shardings, _batch_shardings(spec.mesh, batch_example),
