@@ -9,6 +9,7 @@ import pytest
 from configs import tiny_videos
 from data_pipelines import media, pipeline
 from sora_jax.train.loop import train_and_evaluate
+from tests.conftest import with_overrides
 from tests.media_fixtures import make_media_folder, write_manifest
 
 
@@ -29,14 +30,7 @@ def folder(tmp_path_factory):
 
 
 def _config(manifest, **overrides):
-    c = tiny_videos.get_config(f"manifest={manifest},smoke")
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return with_overrides(tiny_videos.get_config(f"manifest={manifest},smoke"), **overrides)
 
 
 def _expected_skips(folder) -> dict:
