@@ -155,16 +155,19 @@ class EvalJob:
         ckpt, start = self._checkpointer(), time.perf_counter()
         abstract = self.spec.abstract[self.which]
         with sharding.use_mesh(self.mesh, self.rules):
-            if not self._checked:
-                ckpt.check_compatible(step, self.spec.abstract, self.workdir)
-                self._checked = True
             try:
-                params = ckpt.restore_params(step, abstract, self.which)
+                # The first step is checked against the whole state (a mismatch raises). None: the step is
+                # damaged; a line said why, and it stays in place (moving it aside is the trainer's job).
+                params = ckpt.try_restore_params(step, abstract, self.which,
+                                                 None if self._checked else self.spec.abstract)
+                self._checked = self._checked or params is not None
             except (FileNotFoundError, ValueError):
                 if os.path.isdir(os.path.join(self.checkpoint_dir, str(step))):
                     raise
-                logging.warning("checkpoint %d was deleted before it could be evaluated (training keeps only "
-                                "config.keep_checkpoints); skipping it.", step)
+                logging.warning("checkpoint %d was deleted (training keeps only config.keep_checkpoints) or moved "
+                                "aside as damaged before it could be evaluated; skipping it.", step)
+                return None
+            if params is None:
                 return None
             self.restored += 1
             restored_s = time.perf_counter() - start

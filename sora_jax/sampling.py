@@ -57,19 +57,26 @@ class Sampler:
 
     @classmethod
     def from_workdir(cls, workdir: str, use_ema: bool = True) -> "Sampler":
-        """Restores the latest checkpoint's EMA (or raw) params of a training work dir."""
+        """Restores the newest readable checkpoint's EMA (or raw) params of a training work dir.
+
+        A damaged newer step is skipped with a line saying why (and left in place: moving it aside is the
+        trainer's job).
+        """
         config = checkpointing.read_config(workdir)
         ckpt = checkpointing.Checkpointer(workdir, read_only=True)
-        step = ckpt.latest_step()
-        if step is None:
+        if ckpt.latest_step() is None:
             raise FileNotFoundError(f"{workdir} has no checkpoint; train first (python -m sora_jax.train).")
         abstract_model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
         graphdef, abstract = nnx.split(abstract_model, nnx.Param)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                                 nnx.to_pure_dict(abstract))
-        params = ckpt.restore_params(step, abstract, "ema" if use_ema else "params")
+        step, params = ckpt.restore_params_newest_good(abstract, "ema" if use_ema else "params")
         ckpt.close()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints reads back (each one's problem is "
+                                    "printed above). Training again there moves the damaged steps aside and "
+                                    "writes new ones.")
         sampler = cls(config, graphdef, params)
         sampler.checkpoint_step = step
         return sampler

@@ -56,7 +56,9 @@ def test_no_prompt(trained_workdir, tmp_path):
 
 
 def _snapshot(directory):
-    return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(directory) for f in fs}
+    """Every file's mtime but the work dir lock's (each trainer takes it, even one that stops at once)."""
+    return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(directory) for f in fs
+            if f != ".lock"}
 
 
 def test_differently_shaped_model_in_workdir(trained_workdir):

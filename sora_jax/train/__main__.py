@@ -20,6 +20,7 @@ from data_pipelines.sources import NoReadableExamples
 from sora_jax import sharding
 from sora_jax.config_validation import ConfigError
 from sora_jax.train.checkpointing import CheckpointMismatchError
+from sora_jax.train.workdir_lock import WorkdirLocked
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file with get_config(arg).", lock_config=True)
@@ -41,7 +42,7 @@ def main(argv):
             # If this part is interrupted (e.g. preempted while sampling), a rerun does it again.
             open(pending_marker(FLAGS.workdir), "w").close()
             summary.update(build_task(config).after_training(FLAGS.workdir))
-    except (ConfigError, CheckpointMismatchError, NoReadableExamples) as e:
+    except (ConfigError, CheckpointMismatchError, NoReadableExamples, WorkdirLocked) as e:
         sys.exit(f"error: {e}")
     if jax.process_index() == 0 and done:
         with open(os.path.join(FLAGS.workdir, "results.json"), "w") as f:

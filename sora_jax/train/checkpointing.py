@@ -22,6 +22,7 @@ import re
 import shutil
 import sys
 import time
+import traceback
 from typing import Any, Callable
 
 import grain
@@ -103,28 +104,39 @@ def _all_agree(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
+def _is_abandoned_read_noise(unraisable) -> bool:
+    """Whether an unraisable exception is the aftermath of a failed orbax restore (see _quiet_abandoned_reads)."""
+    error = unraisable.exc_value
+    if (isinstance(getattr(error, "__cause__", None), GeneratorExit)
+            and getattr(unraisable.object, "__name__", "") == "_read_array_index_and_device_put"):
+        return True
+    # TensorStore then completes the abandoned reads' futures on orbax's event loop, closed by then.
+    frames = [f.name for f in traceback.extract_tb(unraisable.exc_traceback)] if unraisable.exc_traceback else []
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed" and "call_soon_threadsafe" in frames
+
+
 def _quiet_abandoned_reads() -> None:
     """Drops the noise of a failed restore, keeping its one-line report readable.
 
     When one array read fails, orbax abandons the others, and each turns the GeneratorExit that closes it
     into an Exception that Python prints as a page ("Exception ignored in <coroutine
-    _read_array_index_and_device_put>", TensorStore spec included). Only that case is dropped; every other
-    unraisable exception still reaches the previous hook.
+    _read_array_index_and_device_put>", TensorStore spec included); TensorStore may then complete their
+    futures on a closed event loop. Only those are dropped; every other unraisable exception still reaches
+    the previous hook.
     """
     previous = sys.unraisablehook
     if getattr(previous, "quiets_abandoned_reads", False):
         return
 
     def hook(unraisable):
-        cause = getattr(unraisable.exc_value, "__cause__", None)
-        if not (isinstance(cause, GeneratorExit)
-                and getattr(unraisable.object, "__name__", "") == "_read_array_index_and_device_put"):
+        if not _is_abandoned_read_noise(unraisable):
             previous(unraisable)
     hook.quiets_abandoned_reads = True
     sys.unraisablehook = hook
 
 
 def _report(line: str) -> None:
+    """A fault's one line: to the log on every process, to the console once."""
     logging.warning(line)
     if jax.process_index() == 0:
         print(line, flush=True)

@@ -17,6 +17,7 @@ from sora_jax.train import checkpointing
 from sora_jax.train.guards import NonFiniteGuard, PreemptionWatch
 from sora_jax.train.state import count_params, init_state, state_spec
 from sora_jax.train.step import make_eval_step, make_train_step
+from sora_jax.train.workdir_lock import WorkdirLock
 
 
 def _history_path(workdir: str) -> str:
@@ -57,8 +58,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     validate(config)
     task = build_task(config)
     os.makedirs(workdir, exist_ok=True)
+    with WorkdirLock(workdir):  # one trainer per work dir: a second one stops here (WorkdirLocked)
+        return _train_locked(config, task, workdir)
+
+
+def _train_locked(config, task, workdir: str) -> dict:
+    """train_and_evaluate's work, under the work dir's lock."""
     ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-    latest = ckpt.latest_step()
     try:
         mesh = sharding.make_mesh(config.mesh)
         rules = sharding.rules_from_config(config)
@@ -70,8 +76,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
             spec = state_spec(config, mesh, task)
         except sharding.InsufficientShardingError as e:
             raise ConfigError(str(e)) from None
+        # Damaged newer steps are moved aside (checkpoints_bad/); another model's checkpoint still raises.
+        latest = ckpt.newest_good_step(spec.abstract, workdir)
         if latest is not None:
-            ckpt.check_compatible(latest, spec.abstract, workdir)
             if latest >= config.total_steps:
                 ckpt.close()
                 return _already_trained(config, workdir, latest)
@@ -142,11 +149,12 @@ def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     task = spec.task
-    data_iter, data_start, restore_data = _data_iterator(config, task, ckpt, latest)
+    # A step that fails to read back is moved aside and the next newest tried; None: start fresh.
+    latest, state, (data_iter, data_start, _) = ckpt.restore_newest_good(
+        spec.abstract, workdir, lambda step: _data_iterator(config, task, ckpt, step))
     if latest is None:
         state = init_state(config, spec)
     else:
-        state = ckpt.restore(latest, spec.abstract, data_iter if restore_data else None)
         logging.info("Resumed from step %d.", latest)
     start = int(state["step"])
     logging.info("Parameters: %d on mesh %s", count_params(state["params"]), dict(mesh.shape))

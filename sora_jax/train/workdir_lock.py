@@ -11,12 +11,13 @@ holder. A clean release empties the file, which is never deleted: deleting it wo
 lock a new file while a second still holds the old one.
 
 Multi-host runs: only process 0 (jax.process_index() == 0) takes the lock (the default `primary=None`
-decides so); the other processes' acquire() does nothing. If process 0 fails to get it, it raises and
-the JAX distributed runtime stops the others.
+decides so); the other processes' acquire() does nothing. If process 0 cannot get it, it exits with
+WorkdirLocked, and the others stop once JAX's distributed runtime notices (its heartbeat timeout).
 
 Network filesystems: flock is only as good as the filesystem's locking. Local disks and NFSv4 honour it
 across processes; on NFSv3 without lockd, some FUSE mounts and object-store mounts (gcsfuse, s3fs) it may
 be a no-op, and two trainers on different hosts would both "hold" the lock. Use a work dir per run there.
+Where flock fails outright (ENOLCK, EOPNOTSUPP), training goes on without the lock after a warning.
 """
 from __future__ import annotations
 
@@ -79,17 +80,26 @@ class WorkdirLock:
         except OSError as e:
             holder = _read_holder(fd)
             os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            raise WorkdirLocked(self._held_message(holder)) from None
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise WorkdirLocked(self._held_message(holder)) from None
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                # A filesystem without locks must not stop training; it only loses the one-writer check.
+                logging.warning("%s: the filesystem does not support flock (%s); running without the work dir "
+                                "lock: make sure no other trainer uses this work dir.", self.workdir, e)
+                return self
+            raise
         previous = _read_holder(fd)
         if previous:
             self._report_takeover(previous)
         record = {"host": socket.gethostname(), "pid": os.getpid(),
                   "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+            os.fsync(fd)
+        except OSError:
+            os.close(fd)  # e.g. a full disk: do not keep a lock nobody will release
+            raise
         self._fd = fd
         return self
 

@@ -1,0 +1,193 @@
+"""Surviving faults: damaged checkpoints fall back to the newest good step; one trainer per work dir."""
+import glob
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from sora_jax import sharding
+from sora_jax.tasks import build_task
+from sora_jax.train import checkpointing
+from sora_jax.train.loop import train_and_evaluate
+from sora_jax.train.state import state_spec
+from sora_jax.train.workdir_lock import WorkdirLock, WorkdirLocked
+from tests.conftest import ROOT, smoke_config, with_overrides
+
+
+# --- damaging a copy of the session's trained work dir (checkpoints at steps 2 and 4) -------------------
+
+def _copy(trained_workdir, tmp_path) -> str:
+    workdir = str(tmp_path / "w")
+    shutil.copytree(trained_workdir, workdir)
+    return workdir
+
+
+def _step_dir(workdir, step) -> str:
+    return os.path.join(workdir, "checkpoints", str(step))
+
+
+def _iterator_json(workdir, step) -> str:
+    return glob.glob(os.path.join(_step_dir(workdir, step), "data", "process_*-of-*.json"))[0]
+
+
+def _truncate_state(workdir, step, keep=0.5):
+    """Cuts every array data file (state/ocdbt.process_<i>/d/*) to `keep` of its size: the metadata still
+    reads, the arrays do not (OUT_OF_RANGE). One file is not enough: a data file can hold bytes a restore
+    does not read (another item's, or none), and losing those does not make the step unreadable."""
+    for path in glob.glob(os.path.join(_step_dir(workdir, step), "state", "ocdbt.process_*", "d", "*")):
+        os.truncate(path, int(os.path.getsize(path) * keep))
+
+
+DAMAGE = {  # name -> (damage, words the one-line report must contain)
+    "truncated_state": (_truncate_state, "OUT_OF_RANGE"),
+    "no_iterator_json": (lambda w, s: os.remove(_iterator_json(w, s)), "holds no iterator state"),
+    "empty_iterator_json": (lambda w, s: open(_iterator_json(w, s), "w").close(), "JSONDecodeError"),
+    "no_state_dir": (lambda w, s: shutil.rmtree(os.path.join(_step_dir(w, s), "state")), "state metadata unreadable"),
+}
+
+
+def _steps(workdir) -> list[int]:
+    return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+def _bad(workdir) -> list[str]:
+    root = os.path.join(workdir, checkpointing.BAD_DIR)
+    return sorted(os.listdir(root)) if os.path.isdir(root) else []
+
+
+# --- the trainer: damaged steps are moved aside and the next newest is used ------------------------------
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_restore_falls_back_past_a_damaged_newest_step(trained_workdir, tmp_path, capsys, damage):
+    workdir = _copy(trained_workdir, tmp_path)
+    do_damage, words = DAMAGE[damage]
+    do_damage(workdir, 4)
+    config = smoke_config()
+    task = build_task(config)
+    mesh = sharding.make_mesh(config.mesh)
+    ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+    with sharding.use_mesh(mesh, sharding.rules_from_config(config)):
+        spec = state_spec(config, mesh, task)
+        step, state, (data_iter, _, _) = ckpt.restore_newest_good(
+            spec.abstract, workdir, lambda s: (iter(task.train_data(0, 1, 0)), 0, s is not None))
+    ckpt.close()
+    assert step == 2 and int(state["step"]) == 2
+    assert data_iter.get_state() == json.load(open(_iterator_json(workdir, 2)))  # the iterator went back too
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("Checkpoint step 4 in"))
+    assert words in line and f"moved it to {os.path.join(workdir, 'checkpoints_bad', '4-')}" in line, line
+    assert _steps(workdir) == [2] and [b.split("-")[0] for b in _bad(workdir)] == ["4"]
+    assert os.path.isdir(os.path.join(workdir, "checkpoints_bad", _bad(workdir)[0], "data"))  # kept, not deleted
+
+
+def test_truncated_newest_checkpoint_resumes_training_from_the_previous_one(trained_workdir, tmp_path, capsys):
+    workdir = _copy(trained_workdir, tmp_path)
+    _truncate_state(workdir, 4)
+    summary = train_and_evaluate(smoke_config(total_steps=6), workdir)
+    out = capsys.readouterr().out
+    assert summary["step"] == 6 and summary["trained"], summary
+    assert re.search(r"Checkpoint step 4 in .* is unreadable \(ValueError: OUT_OF_RANGE", out), out[-3000:]
+    assert "starting from step 0" not in out  # resumed from step 2
+    assert _steps(workdir) == [2, 4, 6] and [b.split("-")[0] for b in _bad(workdir)] == ["4"]
+
+
+def test_no_readable_checkpoint_left_starts_fresh(trained_workdir, tmp_path, capsys):
+    workdir = _copy(trained_workdir, tmp_path)
+    os.remove(_iterator_json(workdir, 4))
+    open(_iterator_json(workdir, 2), "w").close()
+    summary = train_and_evaluate(smoke_config(), workdir)
+    out = capsys.readouterr().out
+    assert summary["step"] == 4 and summary["trained"], summary
+    assert "Checkpoint step 4 in" in out and "Checkpoint step 2 in" in out
+    assert "No readable checkpoint is left in" in out and "starting from step 0" in out
+    assert _steps(workdir) == [2, 4] and sorted(b.split("-")[0] for b in _bad(workdir)) == ["2", "4"]
+
+
+def test_another_models_checkpoint_is_a_mismatch_and_stays(trained_workdir, tmp_path):
+    workdir = _copy(trained_workdir, tmp_path)
+    config = smoke_config(**{"model.mlp_ratio": 3.0})
+    mesh = sharding.make_mesh(config.mesh)
+    ckpt = checkpointing.Checkpointer(workdir)
+    with sharding.use_mesh(mesh, sharding.rules_from_config(config)):
+        abstract = state_spec(config, mesh, build_task(config)).abstract
+        with pytest.raises(checkpointing.CheckpointMismatchError, match="differently shaped model"):
+            ckpt.newest_good_step(abstract, workdir)
+    ckpt.close()
+    assert _steps(workdir) == [2, 4] and not _bad(workdir)  # a good checkpoint is never moved aside
+
+
+# --- read-only jobs skip damaged steps and move nothing ------------------------------------------------
+
+def test_sampling_and_evaluation_skip_a_damaged_step_without_moving_it(trained_workdir, tmp_path, capsys):
+    from sora_jax.evaluate import EvalJob, load_config
+    from sora_jax.sampling import Sampler
+    workdir = _copy(trained_workdir, tmp_path)
+    _truncate_state(workdir, 4, keep=0)  # halving may spare the EMA's bytes, all the sampler reads
+    assert Sampler.from_workdir(workdir).checkpoint_step == 2
+    assert re.search(r"Skipping checkpoint step 4 in .*unreadable.*left in place", capsys.readouterr().out)
+    assert _steps(workdir) == [2, 4] and not _bad(workdir)
+
+    job = EvalJob(with_overrides(load_config(workdir), **{"eval.evaluators": ("val_loss",)}), workdir)
+    assert job.evaluate_step(4) is None and job.restored == 0  # skipped, the job goes on
+    job.close()
+    assert "Skipping checkpoint step 4" in capsys.readouterr().out
+    assert _steps(workdir) == [2, 4] and not _bad(workdir)
+
+    _truncate_state(workdir, 2, keep=0)
+    with pytest.raises(FileNotFoundError, match="no checkpoint in .* reads back"):
+        Sampler.from_workdir(workdir)
+    assert _steps(workdir) == [2, 4] and not _bad(workdir)
+
+
+# --- one writer per work dir ---------------------------------------------------------------------------
+
+def _hold_lock(workdir) -> subprocess.Popen:
+    """Another process holding the work dir's lock (a real flock, not this process's)."""
+    code = ("import sys, time; from sora_jax.train.workdir_lock import WorkdirLock; "
+            "WorkdirLock(sys.argv[1], primary=True).acquire(); print('locked', flush=True); time.sleep(300)")
+    proc = subprocess.Popen([sys.executable, "-c", code, workdir], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_trainer_on_a_held_work_dir_is_refused(tmp_path):
+    workdir = str(tmp_path / "w")
+    holder = _hold_lock(workdir)
+    try:
+        held_by = rf"pid {holder.pid} on host {re.escape(socket.gethostname())}"
+        with pytest.raises(WorkdirLocked, match=held_by + r".*use another --workdir"):
+            WorkdirLock(workdir, primary=True).acquire()
+        with pytest.raises(WorkdirLocked, match=held_by):  # before anything is built or written
+            train_and_evaluate(smoke_config(), workdir)
+        assert sorted(os.listdir(workdir)) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_lock_of_a_dead_trainer_is_taken_over(tmp_path, capsys):
+    workdir = str(tmp_path / "w")
+    holder = _hold_lock(workdir)
+    holder.kill()  # SIGKILL: nothing released it, the kernel dropped the flock, the file names the dead pid
+    holder.wait()
+    with WorkdirLock(workdir, primary=True) as lock:
+        assert (f"taking over the lock left by dead process {holder.pid} on {socket.gethostname()}"
+                in capsys.readouterr().out)
+        assert json.load(open(lock.path))["pid"] == os.getpid()
+    assert open(lock.path).read() == ""  # a clean release names no holder: the next one says nothing
+    with WorkdirLock(workdir, primary=True):
+        assert "taking over" not in capsys.readouterr().out
+
+
+def test_only_process_zero_locks(tmp_path):
+    assert jax.process_index() == 0
+    with WorkdirLock(str(tmp_path)) as lock:  # primary=None: decided by jax.process_index()
+        assert os.path.exists(lock.path)
+    with WorkdirLock(str(tmp_path / "other"), primary=False) as lock:
+        assert not os.path.exists(lock.path)
