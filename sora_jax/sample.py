@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -35,17 +36,24 @@ def main(argv):
     try:
         config = checkpointing.read_config(FLAGS.workdir)
         s = config.sample
-        width, height = FLAGS.width or s.width, FLAGS.height or s.height
-        frames = FLAGS.frames if FLAGS.frames is not None else s.frames
-        steps = FLAGS.steps if FLAGS.steps is not None else s.steps
-        guidance = FLAGS.guidance if FLAGS.guidance is not None else s.guidance
+
+        def given(name, default):  # an explicit 0 is a request to check, not "use the default"
+            value = getattr(FLAGS, name)
+            return default if value is None else value
+        width, height, frames = given("width", s.width), given("height", s.height), given("frames", s.frames)
+        steps, guidance, fps = given("steps", s.steps), given("guidance", s.guidance), given("fps", s.fps)
+        if not math.isfinite(guidance) or guidance < 0:
+            raise ConfigError(f"--guidance={guidance} must be a finite number >= 0 (1 = no guidance).")
+        if fps <= 0:
+            raise ConfigError(f"--fps={fps} must be a positive frame rate.")
+        out = FLAGS.out or os.path.join(FLAGS.workdir, "samples")
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ConfigError(f"--out={out} is an existing file; give a directory (it is created if missing).")
         check_request(config, FLAGS.prompt, width, height, frames, steps)
         sampler = Sampler.from_workdir(FLAGS.workdir, FLAGS.use_ema)
     except (ConfigError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    out = FLAGS.out or os.path.join(FLAGS.workdir, "samples")
-    _, paths = sample_to_dir(sampler, FLAGS.prompt, out, width, height, frames, steps, guidance, FLAGS.seed,
-                             FLAGS.fps or s.fps)
+    _, paths = sample_to_dir(sampler, FLAGS.prompt, out, width, height, frames, steps, guidance, FLAGS.seed, fps)
     print("Wrote:\n  " + "\n  ".join(paths))
 
 

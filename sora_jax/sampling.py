@@ -42,7 +42,35 @@ def check_request(config, prompts, width: int, height: int, frames: int, steps: 
         unknown = getattr(tokenizer, "unknown_words", lambda _: [])(p)
         if unknown:
             logging.warning("prompt %r has words the text encoder never saw: %s", p, unknown)
-    return check_video_size(config, width, height, frames, what="--")
+    grid = check_video_size(config, width, height, frames, what="--")
+    check_memory(config, len(prompts), int(np.prod(grid)), width * height * frames)
+    return grid
+
+
+# Bytes of working memory per token and hidden unit during sampling, both guidance branches: the
+# residual stream, q/k/v, attention output and the 4x MLP activations in float32, with slack for XLA's
+# temporaries. Blockwise attention keeps logits per block, so memory is linear in the tokens.
+_BYTES_PER_TOKEN_UNIT = 2 * 4 * 24
+
+
+def available_memory() -> int:
+    """Bytes the sampler may use: the first device's memory limit, else the host's available RAM."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(config, num_prompts: int, tokens: int, pixels: int) -> None:
+    """Refuses, before anything is allocated, a request whose estimated working memory exceeds what is
+    available (e.g. 100000x100000 pixels, or 2048x2048x8 in pixel space)."""
+    need = num_prompts * (tokens * config.model.hidden * _BYTES_PER_TOKEN_UNIT + pixels * 3 * 4 * 2)
+    have = available_memory()
+    if need > have:
+        raise ConfigError(
+            f"this request needs about {need / 2**30:.1f} GiB ({num_prompts} prompt(s) x {tokens} tokens at hidden "
+            f"{config.model.hidden}) but {have / 2**30:.1f} GiB is available; lower --width/--height/--frames or "
+            "sample fewer prompts at once.")
 
 
 class Sampler:

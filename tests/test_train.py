@@ -91,3 +91,16 @@ def test_window_metrics_sum_skips_and_measure_input_wait():
     assert scalars["loss"] == 2.0 and scalars["skipped_corrupt"] == 3.0  # losses averaged, skips summed
     assert 0.45 < scalars["input_wait_fraction"] < 0.5  # 1 s of waiting in a window of just over 2 s
     assert 95 < scalars["tokens_per_sec"] <= 100
+
+
+def test_sample_cli_refuses_bad_requests_before_generating(trained_workdir, tmp_path):
+    existing = tmp_path / "a_file"
+    existing.write_text("x")
+    cases = {"--width=100000 --height=100000": "GiB", "--guidance=nan": "--guidance=nan", "--width=0": "positive",
+             "--fps=0": "--fps=0", f"--out={existing}": "existing file"}
+    for flags_, message in cases.items():
+        r = _cli("-m", "sora_jax.sample", f"--workdir={trained_workdir}", "--prompt=a small red circle",
+                 "--steps=1", *flags_.split())
+        assert r.returncode != 0 and message in r.stderr, (flags_, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr
+    assert existing.read_text() == "x"
