@@ -33,7 +33,8 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # torch (CPU build) and diffusers are test-only: numerical parity of our modules with theirs.
     # jax[tpu] brings libtpu, whose compiler the TPU ahead-of-time test (tests/test_aot.py) runs on the CPU.
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "diffusers==0.42.1", "jax[tpu]==0.10.2"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "diffusers==0.42.1", "jax[tpu]==0.10.2",
+             "ruff==0.17.6"],  # the linter launch/test.sh runs (rules: ruff.toml)
     # Ahead-of-time compiles for TPU slices on a CPU machine (python -m sora_jax.aot --topology=v5p-128).
     "aot": ["jax[tpu]==0.10.2"],
     # Accelerator installs replace the CPU jaxlib; versions must match jax above.

@@ -122,8 +122,7 @@ class HFImageToText:
 
     def _load(self) -> None:
         import torch
-        from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor,
-                                  AutoTokenizer)
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
         kwargs = dict(local_files_only=True)
         # A combined processor (BLIP, GIT, ...) prepares image and prompt together; encoder-decoder
         # checkpoints (ViT + GPT-2) ship an image processor and a tokenizer separately, and

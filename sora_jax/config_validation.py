@@ -42,28 +42,32 @@ def check_video_size(config, width: int, height: int, frames: int, what: str = "
     return tuple(grid)
 
 
-def validate(config) -> None:
-    """Checks a training config (common fields, then its task's); raises ConfigError before any compile."""
-    from sora_jax.tasks import build_task
+def validate(config, task) -> None:
+    """Checks a training config (common fields, then `task`'s own checks); raises ConfigError before any
+    compile. The caller builds the task (sora_jax.tasks.build_task): tasks import these checks, never the
+    other way round."""
     validate_common(config)
-    build_task(config).validate()
+    task.validate()
 
 
-def validate_for_mesh(config, mesh_shape: dict) -> None:
+def validate_for_mesh(config, mesh_shape: dict, task) -> None:
     """Checks what depends on the device mesh (the task's batch must split over data x fsdp)."""
-    from sora_jax.tasks import build_task
-    build_task(config).validate_for_mesh(mesh_shape)
+    del config
+    task.validate_for_mesh(mesh_shape)
 
 
 def validate_common(config) -> None:
-    """Checks the fields every task shares: step counts, optimizer, EMA."""
-    for field in ("total_steps", "checkpoint_every_steps", "log_every_steps", "eval_every_steps", "eval_batches"):
+    """Checks the fields every task shares: step counts, optimizer, EMA, the non-finite policy."""
+    steps = config.total_steps
+    # 0 would compile the whole train step and only then find nothing to run.
+    _require(steps > 0, f"config.total_steps={steps} {'is negative' if steps < 0 else 'trains nothing'}; it must be "
+                        "> 0, the step training runs up to.")
+    for field in ("checkpoint_every_steps", "log_every_steps", "eval_every_steps", "eval_batches"):
         _require(int(config[field]) >= 0, f"config.{field}={config[field]} is negative; it must be >= 0.")
     _require(config.checkpoint_every_steps > 0, "config.checkpoint_every_steps must be > 0.")
     _require(config.log_every_steps > 0, "config.log_every_steps must be > 0.")
     _require(config.keep_checkpoints > 0, "config.keep_checkpoints must be > 0.")
-    for name in ("lr", "warmup_steps", "grad_clip"):
-        _require(config.optim[name] >= 0, f"config.optim.{name}={config.optim[name]} must be >= 0.")
+    _check_optim(config.optim)
     _require(0.0 <= config.ema_decay < 1.0, f"config.ema_decay={config.ema_decay} must be in [0, 1).")
     _require(config.get("nonfinite", "stop") in ("stop", "skip", "rollback"),
              f"config.nonfinite={config.get('nonfinite')!r}; choose 'stop', 'skip' or 'rollback'.")
@@ -71,14 +75,27 @@ def validate_common(config) -> None:
              "config.nonfinite_max_skips and config.nonfinite_max_rollbacks must be >= 1.")
     _require(0.0 < config.get("nonfinite_lr_factor", 0.5) < 1.0,
              f"config.nonfinite_lr_factor={config.get('nonfinite_lr_factor')} must be in (0, 1).")
-    _require(config.optim.get("mu_dtype", "float32") in ("float32", "bfloat16"),
-             f"config.optim.mu_dtype={config.optim.get('mu_dtype')!r}; choose 'float32' or 'bfloat16'.")
+
+
+def _check_optim(o) -> None:
+    """AdamW's fields (sora_jax.train.state.make_optimizer): optax accepts any float, so a b1 of 5 would
+    train, diverge, and be reported as a non-finite loss far from its cause."""
+    for name in ("lr", "warmup_steps", "grad_clip", "weight_decay"):
+        _require(o[name] >= 0, f"config.optim.{name}={o[name]} must be >= 0.")
+    for name, moment, usual in (("b1", "first", "0.9"), ("b2", "second", "0.99 to 0.999")):
+        _require(0.0 <= o[name] < 1.0, f"config.optim.{name}={o[name]} must be in [0, 1): it is the decay rate of "
+                                       f"Adam's {moment} moment (usually {usual}).")
+    _require(o.schedule in ("constant", "cosine"),
+             f"config.optim.schedule={o.schedule!r}; choose 'constant' or 'cosine'.")
+    _require(o.get("mu_dtype", "float32") in ("float32", "bfloat16"),
+             f"config.optim.mu_dtype={o.get('mu_dtype')!r}; choose 'float32' or 'bfloat16'.")
 
 
 def validate_dit(config) -> None:
     """Checks the DiT task's model, autoencoder, data, flow and sampling fields."""
     m = config.model
-    _require(m.hidden % m.heads == 0, f"config.model.hidden={m.hidden} is not divisible by config.model.heads={m.heads}.")
+    _require(m.hidden % m.heads == 0,
+             f"config.model.hidden={m.hidden} is not divisible by config.model.heads={m.heads}.")
     try:
         split_pairs(m.hidden // m.heads)
     except ValueError as e:
@@ -105,6 +122,9 @@ def validate_dit(config) -> None:
         _check_latent_cache(config)
     _check_data_source(config, d)
     if "procedural" in (d.source, d.source == "latents" and d.raw_source):  # sides and frames are the world's
+        for field, example in (("sides", "(16, 24, 32)"), ("frames", "(1, 2, 4)")):
+            _require(len(d[field]) > 0, f"config.data.{field}={tuple(d[field])} is empty; the procedural world "
+                                        f"needs at least one, e.g. --config.data.{field}=\"{example}\".")
         for side in d.sides:
             check_video_size(config, side, side, min(d.frames), what="config.data.sides: ")
         for frames in d.frames:
@@ -188,3 +208,67 @@ def validate_dit_for_mesh(config, mesh_shape: dict) -> None:
     _require(config.data.global_batch_rows % split == 0,
              f"config.data.global_batch_rows={config.data.global_batch_rows} is not divisible by the "
              f"mesh's data x fsdp = {split} devices; use a multiple of {split} or change config.mesh.")
+
+
+# --- the command line ------------------------------------------------------------------------------------
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a `--config.X=V` override that names no config field reported in one line.
+
+    ml_collections reports `--config.optim.learning_rate=1` as three chained tracebacks ending in
+    `AttributeError: 'learning_rate'`; this prints which override is wrong, the fields that exist where it
+    points, and the closest name, then exits with status 1 before anything runs or is written.
+    Other flag errors keep absl's own one-line report. Use as `app.run(main, flags_parser=parse_flags)`.
+    """
+    from absl import app
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        raise SystemExit(f"error: {_unknown_override(argv, e)}") from None
+
+
+def _unknown_override(argv: list[str], error: Exception) -> str:
+    """The message for an override of a field the config lacks (`error` is ml_collections' own)."""
+    import difflib
+
+    from absl import flags
+    for arg in argv[1:]:
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        flag, _, path = name.partition(".")
+        if not path or flag not in flags.FLAGS:
+            continue
+        config = _config_of(flag, argv)
+        if config is None:
+            break
+        node, where = config, flag
+        for part in path.split("."):
+            if not isinstance(node, (ml_collections.ConfigDict, dict)):
+                return f"--{name}: {where} is a {type(node).__name__}, not a group of fields; drop '.{part}'."
+            if part not in node:
+                fields = sorted(node.keys())
+                close = difflib.get_close_matches(part, fields, n=1)
+                hint = f" Did you mean --{where}.{close[0]}?" if close else ""
+                return f"--{name}: {where} has no field {part!r}.{hint} Its fields are {', '.join(fields)}."
+            node, where = node[part], f"{where}.{part}"
+    detail = str(error.args[0] if error.args else error).splitlines()[0]
+    return f"a --config.X override names a field the config does not have ({detail}); check its spelling."
+
+
+def _config_of(flag_name: str, argv: list[str]):
+    """The config a config flag holds or would load (its --flag=FILE[:ARG]); None if it cannot be had."""
+    from absl import flags
+    flag = flags.FLAGS[flag_name]
+    if flag.value is not None:  # DEFINE_config_dict: set when defined
+        return flag.value
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{flag_name}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{flag_name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        else:
+            continue
+        try:
+            return flag.parser.parse(value)
+        except Exception:  # noqa: BLE001 -- only a better message is at stake; the caller has a plain one
+            return None
+    return None

@@ -27,7 +27,7 @@ import jax
 import ml_collections
 from absl import app, flags
 
-from sora_jax import sharding
+from sora_jax import console, sharding
 from sora_jax.config_validation import ConfigError, validate, validate_for_mesh
 from sora_jax.evaluation.evaluators import EvalContext, build_evaluators, run_evaluators, sampling_settings
 from sora_jax.evaluation.records import EvalRecords, scan_step_dirs
@@ -42,6 +42,7 @@ flags.DEFINE_bool("watch", False, "Keep polling for new checkpoints until config
 flags.DEFINE_float("poll_seconds", None, "Seconds between polls with --watch (default: config.eval.poll_seconds).")
 flags.DEFINE_float("timeout_seconds", None, "With --watch, give up after this many seconds; 0 waits forever "
                    "(default: config.eval.timeout_seconds).")
+console.define_verbose_flag()
 
 
 def _tuples(x):
@@ -89,8 +90,8 @@ class EvalJob:
 
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
-        validate(config)
         self.task = build_task(config)
+        validate(config, self.task)
         self.evaluators = build_evaluators(config)
         try:
             self.mesh = sharding.make_mesh(config.eval.mesh)
@@ -98,7 +99,7 @@ class EvalJob:
         except ValueError as e:
             raise ConfigError(str(e).replace("config.mesh", "config.eval.mesh")) from None
         try:
-            validate_for_mesh(config, dict(self.mesh.shape))
+            validate_for_mesh(config, dict(self.mesh.shape), self.task)
         except ConfigError as e:
             raise ConfigError(f"config.eval.mesh {dict(self.mesh.shape)}: {e}".replace(
                 "change config.mesh", "change config.eval.mesh")) from None
@@ -141,7 +142,7 @@ class EvalJob:
         settings = sampling_settings(self.config)
 
         def generate(prompts, seed):
-            from sora_jax.sampling import Sampler
+            from sora_jax.generation import Sampler
             if self._sampler is None:  # built once: its jitted step is reused for every checkpoint
                 self._sampler = Sampler(self.config, self.spec.graphdef, params)
             self._sampler.params = params
@@ -268,17 +269,26 @@ def _workdir_from_argv(argv: list[str]) -> str | None:
     return None
 
 
+def _log_path(workdir: str, process_index: int) -> str:
+    name = "evaluate.log" if process_index == 0 else f"evaluate.process_{process_index}.log"
+    return os.path.join(workdir, "eval", name)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir or "config" not in FLAGS:
         raise app.UsageError("--workdir is required (a directory written by `python -m sora_jax.train`).")
     config = FLAGS.config
-    sharding.maybe_initialize_distributed(config.distributed)
-    try:
+    # TensorFlow (clu's event files) is imported later, on the first result: its start-up lines can still be
+    # turned off here. Library INFO goes to WORKDIR/eval/evaluate.log (one per process), not the terminal.
+    console.quiet_native_logs()
+    console.setup_logging(_log_path(FLAGS.workdir, 0), FLAGS.verbose)
+    with console.reported_errors((ConfigError, CheckpointMismatchError, FileNotFoundError)):
+        sharding.maybe_initialize_distributed(config.distributed)
+        if jax.process_index() > 0:
+            console.setup_logging(_log_path(FLAGS.workdir, jax.process_index()), FLAGS.verbose)
         summary = evaluate_workdir(config, FLAGS.workdir, FLAGS.watch, FLAGS.poll_seconds, FLAGS.timeout_seconds)
-    except (ConfigError, CheckpointMismatchError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
     if summary["timed_out"]:
         sys.exit(f"error: --timeout_seconds passed before step {config.total_steps} was evaluated.")
 

@@ -64,3 +64,46 @@ def trained_workdir(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("smoke"))
     train_and_evaluate(smoke_config(), workdir)
     return workdir
+
+
+# --- no silent skips ---------------------------------------------------------------------------------------
+# A skipped test is a test that did not run: only the hardware ones (marked gpu or tpu) may skip on a machine
+# without that hardware. Any other skip (a missing dependency, a stray pytest.skip) makes the run fail, named
+# with its reason, so a green run means every required test ran.
+HARDWARE_MARKERS = ("gpu", "tpu")
+_unexpected_skips: list[tuple[str, str]] = []
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    reason = str(longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else longrepr).strip()
+    return reason.removeprefix("Skipped: ")
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail") and not any(m in report.keywords for m in HARDWARE_MARKERS):
+        _unexpected_skips.append((report.nodeid, _skip_reason(report)))
+
+
+def pytest_collectreport(report):
+    if report.skipped:  # a whole module skipped at import (e.g. a module-level pytest.importorskip)
+        _unexpected_skips.append((report.nodeid, _skip_reason(report)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _unexpected_skips and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _unexpected_skips:
+        terminalreporter.section("skipped tests that are not marked gpu or tpu (these fail the run)", red=True)
+        for nodeid, reason in _unexpected_skips:
+            terminalreporter.line(f"SKIPPED {nodeid}: {reason}", red=True)
+
+
+def check_config(config) -> None:
+    """The trainer's config checks: sora_jax.config_validation.validate with config's task."""
+    from sora_jax.config_validation import validate
+    from sora_jax.tasks import build_task
+    validate(config, build_task(config))

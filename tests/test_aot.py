@@ -81,6 +81,7 @@ def test_too_small_hbm_fails_before_compiling(monkeypatch):
 @pytest.mark.parametrize("name", ["dit_xl", "wan14b"])
 def test_full_size_configs_are_sized_without_compiling(name):
     import importlib
+
     from sora_jax import aot
     # Eight rows: one or more for each of the 8 devices.
     config = with_overrides(importlib.import_module(f"configs.{name}").get_config(), **{"data.global_batch_rows": 8})
@@ -106,6 +107,7 @@ def test_insufficient_sharding_fails_before_compiling():
 
 def test_more_devices_than_started_is_a_clear_error():
     import jax
+
     from sora_jax import aot
     jax.devices()  # started with conftest's 8 devices, whatever ran before
     with pytest.raises(aot.AotError, match="already started with 8 CPU devices"):

@@ -19,7 +19,6 @@ from sora_jax.train.state import state_spec
 from sora_jax.train.workdir_lock import WorkdirLock, WorkdirLocked
 from tests.conftest import ROOT, smoke_config, with_overrides
 
-
 # --- damaging a copy of the session's trained work dir (checkpoints at steps 2 and 4) -------------------
 
 def _copy(trained_workdir, tmp_path) -> str:
@@ -80,7 +79,7 @@ def test_restore_falls_back_past_a_damaged_newest_step(trained_workdir, tmp_path
     assert step == 2 and int(state["step"]) == 2
     assert data_iter.get_state() == json.load(open(_iterator_json(workdir, 2)))  # the iterator went back too
     out = capsys.readouterr().out
-    line = next(l for l in out.splitlines() if l.startswith("Checkpoint step 4 in"))
+    line = next(ln for ln in out.splitlines() if ln.startswith("Checkpoint step 4 in"))
     assert words in line and f"moved it to {os.path.join(workdir, 'checkpoints_bad', '4-')}" in line, line
     assert _steps(workdir) == [2] and [b.split("-")[0] for b in _bad(workdir)] == ["4"]
     assert os.path.isdir(os.path.join(workdir, "checkpoints_bad", _bad(workdir)[0], "data"))  # kept, not deleted
@@ -126,7 +125,7 @@ def test_another_models_checkpoint_is_a_mismatch_and_stays(trained_workdir, tmp_
 
 def test_sampling_and_evaluation_skip_a_damaged_step_without_moving_it(trained_workdir, tmp_path, capsys):
     from sora_jax.evaluate import EvalJob, load_config
-    from sora_jax.sampling import Sampler
+    from sora_jax.generation import Sampler
     workdir = _copy(trained_workdir, tmp_path)
     _truncate_state(workdir, 4, keep=0)  # halving may spare the EMA's bytes, all the sampler reads
     assert Sampler.from_workdir(workdir).checkpoint_step == 2

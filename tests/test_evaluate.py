@@ -228,7 +228,7 @@ def test_evaluation_library_does_not_import_the_trainer():
     code = ("import sys, pkgutil, importlib, sora_jax.evaluation as e\n"
             "for m in pkgutil.iter_modules(e.__path__): importlib.import_module(f'sora_jax.evaluation.{m.name}')\n"
             "import data_pipelines.pipeline, data_pipelines.clips  # what the evaluators import lazily\n"
-            "print(sorted(m for m in sys.modules if m.startswith(('sora_jax.train', 'sora_jax.sampling'))))")
+            "print(sorted(m for m in sys.modules if m.startswith(('sora_jax.train', 'sora_jax.generation'))))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "[]", r.stdout + r.stderr[-2000:]

@@ -6,11 +6,11 @@ import sys
 import pytest
 from flax import nnx
 
-from sora_jax.config_validation import ConfigError, validate
+from sora_jax.config_validation import ConfigError
 from sora_jax.convert.vae_checkpoint import save_vae
 from sora_jax.models.vae import CausalVAE, VAEConfig
 from sora_jax.train.loop import train_and_evaluate
-from tests.conftest import ROOT, smoke_config
+from tests.conftest import ROOT, check_config, smoke_config
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +29,11 @@ def _latent_config(vae_dir, **overrides):
 
 
 def test_latent_config_validation(vae_dir):
-    validate(_latent_config(vae_dir))
+    check_config(_latent_config(vae_dir))
     with pytest.raises(ConfigError, match="frames=4 is not 1 \\+ 4k"):
-        validate(_latent_config(vae_dir, **{"data.frames": [1, 4]}))
+        check_config(_latent_config(vae_dir, **{"data.frames": [1, 4]}))
     with pytest.raises(ConfigError, match="has no vae_config.json"):
-        validate(_latent_config("/nonexistent"))
+        check_config(_latent_config("/nonexistent"))
 
 
 def test_train_and_sample_in_vae_latents(vae_dir, tmp_path):

@@ -110,7 +110,7 @@ def _read_jsonl(path):
 
 
 def _check_manifest(lines, made, root):
-    assert [l["path"] for l in lines] == sorted(made["good"])
+    assert [entry["path"] for entry in lines] == sorted(made["good"])
     for line in lines:
         want = made["expected"][line["path"]]
         for key in ("kind", "width", "height", "frames", "codec"):
@@ -133,7 +133,7 @@ def test_prepare_manifest_report_and_captions(folder, tmp_path):
     summary = prepare.prepare_manifest(str(root), out, captions=str(captions), progress=False)
     lines = _read_jsonl(out)
     _check_manifest(lines, made, root)
-    got = {l["path"]: l.get("caption") for l in lines}
+    got = {entry["path"]: entry.get("caption") for entry in lines}
     assert got["videos/tall_h264.mp4"] == "a green square, rising"
     assert got["videos/wide_h264.mp4"] == "the file wins over the sidecar"
     assert got["images/still.png"] == "a still gradient"  # sidecar without the media extension
@@ -152,7 +152,8 @@ def test_prepare_manifest_report_and_captions(folder, tmp_path):
     # The training source reads it as written (root defaults to the manifest's folder).
     from data_pipelines import sources
     records = sources.ManifestSource(out)
-    assert [r["path"] for r in (records[i] for i in range(len(records)))] == [str(root / l["path"]) for l in lines]
+    read = [records[i]["path"] for i in range(len(records))]
+    assert read == [str(root / entry["path"]) for entry in lines]
 
     text = prepare.format_summary(summary, str(root))
     assert "corrupt: 2 skipped" in text and "bad_caption: 2 kept" in text and ",root=" not in text
@@ -198,7 +199,7 @@ def test_captioner_failures(folder):
     root, _, made = folder
     out = str(root / "m.jsonl")
     summary = prepare.prepare_manifest(str(root), out, captioner=_FailsOnImages(), recaption=True, progress=False)
-    got = {l["path"]: l.get("caption") for l in _read_jsonl(out)}
+    got = {entry["path"]: entry.get("caption") for entry in _read_jsonl(out)}
     assert got["videos/tall_h264.mp4"] == "clip of 48x32"
     assert got["videos/wide_h264.mp4"] == "clip of 32x48"
     assert got["images/really_png.mp4"] is None  # failed: left absent, file kept
@@ -225,7 +226,7 @@ def test_prepare_with_captioner_in_process_and_cli(folder, captioner_dir, tmp_pa
                                        progress=False)
     lines = _read_jsonl(out)
     _check_manifest(lines, made, root)
-    got = {l["path"]: l.get("caption") for l in lines}
+    got = {entry["path"]: entry.get("caption") for entry in lines}
     assert got["videos/tall_h264.mp4"] == "a green square, rising"  # given captions are kept
     for rel in ("videos/square_vp9.webm", "videos/wide_vp8.webm", "images/photo.jpg", "images/really_png.mp4"):
         assert isinstance(got[rel], str) and got[rel].strip(), rel

@@ -9,7 +9,7 @@ import pytest
 from configs import tiny_videos
 from data_pipelines import media, pipeline
 from sora_jax.train.loop import train_and_evaluate
-from tests.conftest import with_overrides
+from tests.conftest import check_config, with_overrides
 from tests.media_fixtures import make_media_folder, write_manifest
 
 
@@ -137,8 +137,7 @@ def test_mixture_of_videos_and_images(folder, tmp_path):
     c = _config(folder["manifest"], **{"data.source": "mixture", "data.mixture": (("videos", 0.7), ("images", 0.3))})
     c.data.components = {"videos": {"source": "folder", "manifest": str(vm)},
                          "images": {"source": "folder", "manifest": str(im)}}
-    from sora_jax.config_validation import validate
-    validate(c)
+    check_config(c)
     it = iter(pipeline.packed_dataset(c))
     info = np.concatenate([next(it)["info"].reshape(-1, 5) for _ in range(3)])
     frames = info[info[:, 3] > 0, 0]
@@ -152,8 +151,8 @@ def _first_batch_samples(c) -> np.ndarray:
 
 
 def test_tfds_and_clip_record_sources_feed_the_packer(folder, tmp_path):
-    from data_pipelines import sources
     import tfds_fixture  # as tests/test_sources.py imports it: tfds registers the builder by module name
+    from data_pipelines import sources
     name = tfds_fixture.build(tmp_path / "tfds")
     c = _config(folder["manifest"], **{"data.source": "tfds", "data.tfds_name": name,
                                         "data.tfds_data_dir": str(tmp_path / "tfds")})

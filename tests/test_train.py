@@ -72,8 +72,8 @@ def test_divergence_stops_without_saving(tmp_path):
     workdir = str(tmp_path)
     train_and_evaluate(smoke_config(total_steps=2, checkpoint_every_steps=2), workdir)
     with pytest.raises(FloatingPointError, match="stopping without saving"):
-        train_and_evaluate(smoke_config(total_steps=4, checkpoint_every_steps=2, **{"optim.lr": 1e30, "optim.warmup_steps": 0}),
-                           workdir)
+        train_and_evaluate(smoke_config(total_steps=4, checkpoint_every_steps=2,
+                                        **{"optim.lr": 1e30, "optim.warmup_steps": 0}), workdir)
     assert sorted(d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == ["2"]
 
 
@@ -85,8 +85,9 @@ def test_window_metrics_sum_skips_and_measure_input_wait():
     class Task:
         throughput_unit = "tokens"
 
-    window = [({"loss": np.float32(l), "count": np.float32(100)}, {"padding_fraction": 0.1, "skipped_corrupt": s})
-              for l, s in ((1.0, 2), (3.0, 1))]
+    window = [({"loss": np.float32(loss), "count": np.float32(100)},
+               {"padding_fraction": 0.1, "skipped_corrupt": s})
+              for loss, s in ((1.0, 2), (3.0, 1))]
     scalars = _window_scalars(Task, window, waits=[0.5, 0.5], t_start=time.perf_counter() - 2.0)
     assert scalars["loss"] == 2.0 and scalars["skipped_corrupt"] == 3.0  # losses averaged, skips summed
     assert 0.45 < scalars["input_wait_fraction"] < 0.5  # 1 s of waiting in a window of just over 2 s

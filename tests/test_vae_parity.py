@@ -1,14 +1,13 @@
 """Our CausalVAE against diffusers' AutoencoderKLWan (PyTorch, CPU) on small random configurations."""
 import os
 
+import diffusers
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-
-from sora_jax.convert import load_diffusers_vae  # noqa: E402
+from sora_jax.convert import load_diffusers_vae
 
 CONFIGS = {
     "wan_layout": dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],

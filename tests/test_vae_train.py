@@ -10,12 +10,13 @@ from flax import nnx
 
 from configs import vae_tiny
 from data_pipelines.clips import ClipBatches, heldout_batches
-from sora_jax.config_validation import ConfigError, validate, validate_for_mesh
+from sora_jax.config_validation import ConfigError, validate_for_mesh
 from sora_jax.evaluation.reconstruction import psnr, ssim
 from sora_jax.losses.perceptual import VGG16_STAGES, load_perceptual_weights, perceptual_distance
+from sora_jax.tasks import build_task
 from sora_jax.tasks.vae import VAETask
 from sora_jax.train.loop import train_and_evaluate
-from tests.conftest import with_overrides
+from tests.conftest import check_config, with_overrides
 
 
 def _smoke(**overrides):
@@ -66,7 +67,7 @@ def test_clip_batches_mix_images_and_videos_deterministically():
 
 
 def test_vae_config_errors_before_compile():
-    validate(_smoke())
+    check_config(_smoke())
     cases = [
         ({"data.clip_frames": 6}, "clip_frames=6 must be 1 \\+ 4k"),
         ({"data.clip_width": 20}, "multiples of the VAE's spatial stride 8"),
@@ -77,11 +78,12 @@ def test_vae_config_errors_before_compile():
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
-            validate(_smoke(**overrides))
+            check_config(_smoke(**overrides))
     with pytest.raises(ConfigError, match="video_batch=6 is not divisible by the mesh's data x fsdp = 4"):
-        validate_for_mesh(_smoke(**{"data.video_batch": 6}), {"data": 2, "fsdp": 2, "tensor": 2, "context": 1})
+        cfg = _smoke(**{"data.video_batch": 6})
+        validate_for_mesh(cfg, {"data": 2, "fsdp": 2, "tensor": 2, "context": 1}, build_task(cfg))
     with pytest.raises(ConfigError, match="config.task='gan'"):
-        validate(_smoke(task="gan"))
+        check_config(_smoke(task="gan"))
 
 
 def _write_lpips(path, widths=(4, 6, 8, 8, 8), seed=0):
@@ -157,7 +159,7 @@ def test_adversarial_and_perceptual_terms_route_gradients(tmp_path):
     _write_lpips(path)
     config = _smoke(**{"loss.perceptual": 0.5, "loss.perceptual_weights": path, "loss.adversarial": 0.3,
                        "loss.adv_start_step": 2, "loss.disc_channels": 4, "loss.disc_layers": 2})
-    validate(config)
+    check_config(config)
     task = VAETask(config)
     model = task.build_model(nnx.Rngs(0))
     frozen = task.frozen()
@@ -191,7 +193,8 @@ def test_adversarial_and_perceptual_terms_route_gradients(tmp_path):
     for a, b in zip(jax.tree.leaves(grads["disc"]), jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
     # ...and the VAE's gradient changes when the adversarial term switches on.
-    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(grads["vae"]), jax.tree.leaves(grads_off["vae"])))
+    diff = max(float(jnp.abs(a - b).max())
+               for a, b in zip(jax.tree.leaves(grads["vae"]), jax.tree.leaves(grads_off["vae"])))
     assert diff > 0
 
 
@@ -226,18 +229,18 @@ def test_tiny_latent_dit_trains_on_cache_of_trained_vae(trained_vae, tmp_path):
     config = tiny_latent.get_config("smoke")
     config.autoencoder.checkpoint = summary["autoencoder_dir"]
     with pytest.raises(ConfigError, match="has no manifest.json; run `python -m sora_jax.encode"):
-        validate(config)
+        check_config(config)
     cache = str(tmp_path / "cache")
     config.data.latent_dir = cache
     encode_dataset(config, cache, num_examples=24, shard_size=12)
-    validate(config)
+    check_config(config)
     # A cache written by another autoencoder is refused before anything compiles.
     other = str(tmp_path / "other_ae")
     shutil.copytree(summary["autoencoder_dir"], other)
     mismatched = tiny_latent.get_config("smoke")
     mismatched.autoencoder.checkpoint, mismatched.data.latent_dir = other, cache
     with pytest.raises(ConfigError, match="was encoded with autoencoder"):
-        validate(mismatched)
+        check_config(mismatched)
 
     workdir = str(tmp_path / "dit")
     result = train_and_evaluate(config, workdir)
@@ -258,10 +261,10 @@ def test_full_size_vae_config_validates_and_shards_over_fsdp(tmp_path):
     from sora_jax.train.state import state_spec
     config = vae_wan.get_config()
     config.mesh.update(data=1, fsdp=8)
-    validate(config)
-    validate_for_mesh(config, {"data": 1, "fsdp": 8, "tensor": 1, "context": 1})
+    check_config(config)
+    validate_for_mesh(config, {"data": 1, "fsdp": 8, "tensor": 1, "context": 1}, build_task(config))
     with pytest.raises(ConfigError, match="perceptual_weights='/nonexistent.safetensors' does not exist"):
-        validate(vae_wan.get_config("/nonexistent.safetensors"))
+        check_config(vae_wan.get_config("/nonexistent.safetensors"))
     mesh = sharding.make_mesh(config.mesh)
     with sharding.use_mesh(mesh, sharding.rules_from_config(config)):
         spec = state_spec(config, mesh)

@@ -188,11 +188,12 @@ def validate_for_compile(config) -> None:
     """validate(config), less what only data loading needs: compiling reads no data, so a latent cache
     that exists only on the training machine is not required here."""
     from sora_jax.config_validation import validate
+    from sora_jax.tasks import build_task
     checked = copy.deepcopy(config)
     if checked.get("data") is not None and checked.data.get("source") == "latents":
         with checked.unlocked():
             checked.data.source = checked.data.get("raw_source", "procedural")
-    validate(checked)
+    validate(checked, build_task(checked))
 
 
 def dit_batch(config) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -215,6 +216,7 @@ BATCH_SHAPES = {"dit": dit_batch}
 def abstract_batch(config, mesh) -> dict:
     """The batch as ShapeDtypeStructs, sharded along rows as the trainer shards real batches."""
     import jax
+
     from sora_jax import sharding
     task = config.get("task", "dit")
     if task not in BATCH_SHAPES:
@@ -271,12 +273,13 @@ def _abstract_frozen(spec) -> Any:
 def _build_mesh(config, devices):
     from sora_jax import sharding
     from sora_jax.config_validation import validate_for_mesh
+    from sora_jax.tasks import build_task
     try:
         mesh = sharding.make_mesh(config.mesh, devices)
         rules = sharding.rules_from_config(config)
     except ValueError as e:
         raise AotError(str(e)) from None
-    validate_for_mesh(config, dict(mesh.shape))
+    validate_for_mesh(config, dict(mesh.shape), build_task(config))
     return mesh, rules
 
 

@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sora_jax import aot
-from sora_jax.config_validation import ConfigError
+from sora_jax.config_validation import ConfigError, parse_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file with get_config(arg).", lock_config=True)
@@ -63,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -35,7 +35,8 @@ def vae_config_from_diffusers(raw: dict) -> VAEConfig:
         latents_std=tuple(raw["latents_std"]) if raw.get("latents_std") else None)
 
 
-def _read_safetensors(directory: str) -> dict[str, np.ndarray]:
+def _read_safetensors(directory: str) -> dict[str, tuple[np.ndarray, str]]:
+    """{tensor name: (array, the file it came from)} over every .safetensors file; pickles are refused."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -50,7 +51,7 @@ def _read_safetensors(directory: str) -> dict[str, np.ndarray]:
     for name in files:
         path = os.path.join(directory, name)
         try:
-            tensors.update(load_file(path))
+            tensors.update({key: (value, name) for key, value in load_file(path).items()})
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{path} is not a valid safetensors file ({e}); re-download or re-export it.") from None
     return tensors
@@ -107,15 +108,17 @@ def load_diffusers_vae(path: str, dtype=jnp.float32) -> CausalVAE:
     graphdef, state = nnx.split(abstract, nnx.Param)
     wanted = _flatten(nnx.to_pure_dict(state))
     filled = {}
-    for torch_name, value in tensors.items():
+    for torch_name, (stored, file) in sorted(tensors.items()):  # sorted: the same tensor is reported each time
         module, leaf = _our_name(torch_name)
         ours = f"{module}/{leaf}"
         if ours not in wanted:
-            raise ValueError(f"tensor {torch_name} {tuple(value.shape)} in the checkpoint has no place in the "
+            raise ValueError(f"tensor {torch_name}: shape {tuple(stored.shape)} in {file} but no such tensor in the "
                              f"architecture of {config_path}; the config does not match the weights.")
-        value = _to_ours(torch_name, np.asarray(value), leaf)
+        value = _to_ours(torch_name, np.asarray(stored), leaf)
         if tuple(value.shape) != tuple(wanted[ours].shape):
-            raise ValueError(f"tensor {torch_name}: shape {tuple(value.shape)} (channels-last) in the checkpoint but "
+            # Both in our layout; the stored one also as the file has it, to find it there.
+            layout = f" ({tuple(stored.shape)} as stored)" if value.shape != stored.shape else ""
+            raise ValueError(f"tensor {torch_name}: shape {tuple(value.shape)}{layout} in {file} but "
                              f"{tuple(wanted[ours].shape)} from {config_path}; the config does not match the weights.")
         filled[ours] = jnp.asarray(value, dtype)
     missing = sorted(set(wanted) - set(filled))

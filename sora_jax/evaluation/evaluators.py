@@ -14,7 +14,7 @@ per-item details) or a plain dict of scalars.
                   (NOT Inception / I3D: see sora_jax/evaluation/features.py)
 
 This module is library code: it never imports sora_jax.train (the job module does). Generation reaches
-it as ctx.generate, a function the job builds around sora_jax.sampling.Sampler.
+it as ctx.generate, a function the job builds around sora_jax.generation.Sampler.
 """
 from __future__ import annotations
 

@@ -277,8 +277,10 @@ def splash_attention(q, k, v, q_segments, kv_segments, *, block: int = 128, inte
     Returns:
       [B, Lq, H, D] in q's dtype. Rows whose segment has no key average all keys (finite).
     """
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+        splash_attention_mask as splash_mask,
+    )
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     _, lq, heads, head_dim = q.shape

@@ -87,7 +87,7 @@ def _forward(q, k, v, qs, ks, block_q, block_k):
         qb, qsb = _slice_rows(q, r, i * block_q, block_q), _slice_rows(qs, r, i * block_q, block_q)
 
         def kv_step(j, acc):
-            o, m, l = acc
+            o, m, denom = acc
             kb, vb = _slice_rows(k, r, j * block_k, block_k), _slice_rows(v, r, j * block_k, block_k)
             s, mask = _scores(qb, kb, qsb, _slice_rows(ks, r, j * block_k, block_k), scale)
             m_new = jnp.maximum(m, s.max(-1))
@@ -95,12 +95,12 @@ def _forward(q, k, v, qs, ks, block_q, block_k):
             corr = jnp.exp(m - m_new)
             o = o * corr[..., None] + jnp.einsum("hqk,khd->hqd", p.astype(v.dtype), vb,
                                                  preferred_element_type=jnp.float32)
-            return o, m_new, l * corr + p.sum(-1)
+            return o, m_new, denom * corr + p.sum(-1)
 
         init = (jnp.zeros((h, block_q, d), jnp.float32), jnp.full((h, block_q), _NEG, jnp.float32),
                 jnp.zeros((h, block_q), jnp.float32))
-        o, m, l = jax.lax.fori_loop(lo[r, i], hi[r, i], kv_step, init)
-        safe = jnp.where(l > 0, l, 1.0)
+        o, m, denom = jax.lax.fori_loop(lo[r, i], hi[r, i], kv_step, init)
+        safe = jnp.where(denom > 0, denom, 1.0)
         return None, ((o / safe[..., None]).astype(q.dtype), m + jnp.log(safe))
 
     _, (out, lse) = jax.lax.scan(one_block, None, jnp.arange(b * nq))

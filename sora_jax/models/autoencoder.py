@@ -70,7 +70,8 @@ class VAEAutoencoder:
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         st, sh, sw = self.stride
         if (frames - 1) % st:
-            raise ValueError(f"frames={frames} is not 1 + {st}k, which this causal VAE needs (e.g. {1 + st * max(1, (frames - 1) // st)}).")
+            nearest = 1 + st * max(1, (frames - 1) // st)
+            raise ValueError(f"frames={frames} is not 1 + {st}k, which this causal VAE needs (e.g. {nearest}).")
         if height % sh or width % sw:
             raise ValueError(f"{width}x{height} is not a multiple of the VAE's spatial stride {sh}.")
         return 1 + (frames - 1) // st, height // sh, width // sw

@@ -9,8 +9,9 @@ Two ways to run it compute the same function. The whole-sequence form (`encode`,
 the streaming form (`encode_chunked`, `decode_chunked`) runs causally in chunks (first chunk 1 frame,
 then `chunk` frames) with a per-layer frame cache -- each causal convolution keeps the last 2 frames it
 saw, each temporal resampler the frame(s) it needs -- so memory is bounded whatever the video length.
-A `Stream` context threads the caches through the layers; without one, layers see the whole sequence. Module and parameter names follow diffusers'
-`AutoencoderKLWan` so that `sora_jax.convert` can map its safetensors one to one.
+A `Stream` context threads the caches through the layers; without one, layers see the whole sequence.
+Module and parameter names follow diffusers' `AutoencoderKLWan` so that `sora_jax.convert` can map its
+safetensors one to one.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:

@@ -61,7 +61,7 @@ class DiTTask:
         import os
 
         from sora_jax.evaluation.color import color_accuracy
-        from sora_jax.sampling import Sampler, sample_to_dir
+        from sora_jax.generation import Sampler, sample_to_dir
 
         s = self.config.sample
         if s.num_prompts <= 0:

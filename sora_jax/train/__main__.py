@@ -10,21 +10,34 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 
-import jax
-from absl import app, flags
-from ml_collections import config_flags
+from sora_jax import console
 
-from data_pipelines.sources import NoReadableExamples
-from sora_jax import sharding
-from sora_jax.config_validation import ConfigError
-from sora_jax.train.checkpointing import CheckpointMismatchError
-from sora_jax.train.workdir_lock import WorkdirLocked
+console.quiet_native_logs()  # before JAX / TensorFlow load
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from data_pipelines.sources import NoReadableExamples  # noqa: E402
+from sora_jax import sharding  # noqa: E402
+from sora_jax.config_validation import ConfigError, parse_flags  # noqa: E402
+from sora_jax.train.checkpointing import CheckpointMismatchError  # noqa: E402
+from sora_jax.train.workdir_lock import WorkdirLocked  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file with get_config(arg).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Work dir: checkpoints, metrics, samples.")
+flags.DEFINE_string("workdir", None, "Work dir: checkpoints, metrics, samples; its train.log gets the full log.")
+console.define_verbose_flag()
+
+# Errors whose messages are written for the user: printed as they are. Anything else is one paragraph too,
+# with its traceback in the log file (console.reported_errors).
+EXPECTED_ERRORS = (ConfigError, CheckpointMismatchError, NoReadableExamples, WorkdirLocked, FloatingPointError)
+
+
+def log_path(workdir: str, process_index: int = 0) -> str:
+    """WORKDIR/train.log for process 0; train.process_<i>.log for the others (one writer per file)."""
+    return os.path.join(workdir, "train.log" if process_index == 0 else f"train.process_{process_index}.log")
 
 
 def main(argv):
@@ -32,18 +45,28 @@ def main(argv):
     if FLAGS.config is None or not FLAGS.workdir:
         raise app.UsageError("--config and --workdir are required.")
     config = FLAGS.config
-    sharding.maybe_initialize_distributed(config.distributed)
+    console.setup_logging(log_path(FLAGS.workdir), FLAGS.verbose)
+    with console.reported_errors(EXPECTED_ERRORS):
+        sharding.maybe_initialize_distributed(config.distributed)
+        if jax.process_index() > 0:
+            console.setup_logging(log_path(FLAGS.workdir, jax.process_index()), FLAGS.verbose)
+        else:
+            print(f"Log: {console.log_file()}" + ("" if FLAGS.verbose else " (--verbose prints it here too)"),
+                  flush=True)
+        _train(config)
+
+
+def _train(config) -> None:
+    """Trains, runs the task's after-training part, writes results.json and prints the summary."""
+    from sora_jax.tasks import build_task
     from sora_jax.train.loop import pending_marker, train_and_evaluate
-    try:
-        summary = train_and_evaluate(config, FLAGS.workdir)
-        done = summary.get("trained") or summary.get("finish")
-        if done and jax.process_index() == 0:
-            from sora_jax.tasks import build_task
-            # If this part is interrupted (e.g. preempted while sampling), a rerun does it again.
-            open(pending_marker(FLAGS.workdir), "w").close()
-            summary.update(build_task(config).after_training(FLAGS.workdir))
-    except (ConfigError, CheckpointMismatchError, NoReadableExamples, WorkdirLocked) as e:
-        sys.exit(f"error: {e}")
+    task = build_task(config)  # once per run: the trainer and the after-training part share it
+    summary = train_and_evaluate(config, FLAGS.workdir, task)
+    done = summary.get("trained") or summary.get("finish")
+    if done and jax.process_index() == 0:
+        # If this part is interrupted (e.g. preempted while sampling), a rerun does it again.
+        open(pending_marker(FLAGS.workdir), "w").close()
+        summary.update(task.after_training(FLAGS.workdir))
     if jax.process_index() == 0 and done:
         with open(os.path.join(FLAGS.workdir, "results.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -61,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -30,6 +30,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sora_jax import console
+
 BAD_DIR = "checkpoints_bad"
 
 
@@ -137,7 +139,7 @@ def _quiet_abandoned_reads() -> None:
 
 def _report(line: str) -> None:
     """A fault's one line: to the log on every process, to the console once."""
-    logging.warning(line)
+    logging.warning(line, extra=console.FILE_ONLY)  # printed below
     if jax.process_index() == 0:
         print(line, flush=True)
 

@@ -17,6 +17,8 @@ import threading
 
 import jax
 
+from sora_jax import console
+
 
 class PreemptionWatch:
     """Context manager: SIGTERM and SIGINT set a flag instead of killing the process.
@@ -32,7 +34,9 @@ class PreemptionWatch:
     def _handle(self, signum, frame):
         del frame
         self.signal_name = signal.Signals(signum).name
-        logging.warning("%s received: saving a checkpoint at the end of this step, then stopping.", self.signal_name)
+        # Printed below; the log file gets it too, the console filter not twice.
+        logging.warning("%s received: saving a checkpoint at the end of this step, then stopping.", self.signal_name,
+                        extra=console.FILE_ONLY)
         print(f"\n{self.signal_name} received: saving a checkpoint at the end of this step, then stopping "
               "(Ctrl-C again to abort without saving).", flush=True)
         if signum == signal.SIGINT:

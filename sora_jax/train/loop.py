@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -37,6 +38,18 @@ def _append_history(workdir: str, record: dict) -> list[dict]:
     return history
 
 
+def _say(text: str) -> None:
+    """A line for the person at the terminal (process 0 only), printed above the progress bar if one is drawn."""
+    if jax.process_index() == 0:
+        from tqdm import tqdm
+        tqdm.write(text, file=sys.stdout)
+        sys.stdout.flush()
+
+
+def _eval_line(step: int, scores: dict) -> str:
+    return f"eval step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in scores.items())
+
+
 def evaluate(eval_fn, state: dict, batches: list[dict], frozen, mesh) -> dict:
     """The task's metrics of params and EMA params, averaged over the fixed held-out batches:
     val_<metric>_params and val_<metric>_ema."""
@@ -49,14 +62,15 @@ def evaluate(eval_fn, state: dict, batches: list[dict], frozen, mesh) -> dict:
     return out
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, task=None) -> dict:
     """Trains (resuming from WORKDIR if it holds a checkpoint) and returns the final summary.
 
+    task: config's task (sora_jax.tasks.build_task), if the caller has built it already.
     Order matters for bad input: the config is validated and an existing checkpoint is checked against
     the model before anything is compiled or written.
     """
-    validate(config)
-    task = build_task(config)
+    task = task or build_task(config)
+    validate(config, task)
     os.makedirs(workdir, exist_ok=True)
     with WorkdirLock(workdir):  # one trainer per work dir: a second one stops here (WorkdirLocked)
         return _train_locked(config, task, workdir)
@@ -70,7 +84,7 @@ def _train_locked(config, task, workdir: str) -> dict:
         rules = sharding.rules_from_config(config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    validate_for_mesh(config, dict(mesh.shape))
+    validate_for_mesh(config, dict(mesh.shape), task)
     with sharding.use_mesh(mesh, rules):
         try:
             spec = state_spec(config, mesh, task)
@@ -119,7 +133,8 @@ def _data_iterator(config, task, ckpt, latest) -> tuple[Any, int, bool]:
     try:
         start = task.reshard_start(states, old_start, count)
     except ValueError as e:
-        raise ConfigError(f"{ckpt.directory}/{latest} was written by {count} hosts and this run has {pc}: {e}") from None
+        raise ConfigError(f"{ckpt.directory}/{latest} was written by {count} hosts and this run has {pc}: "
+                          f"{e}") from None
     logging.warning("Checkpoint %d was written by %d hosts, this run has %d: the data stream resumes at position "
                     "%d (what that repeats: data_pipelines.pipeline.reshard_start).", latest, count, pc, start)
     return iter(task.train_data(pi, pc, start)), start, False
@@ -144,6 +159,11 @@ def _window_scalars(task, window: list, waits: list, t_start: float) -> dict:
     return scalars
 
 
+def _mesh_text(mesh) -> str:
+    """The mesh's axes of size > 1, e.g. "data=4 fsdp=2" ("one device" when there are none)."""
+    return " ".join(f"{k}={v}" for k, v in dict(mesh.shape).items() if v > 1) or "one device"
+
+
 def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
     from clu import metric_writers  # imports TensorFlow: only the training job pays for it
 
@@ -156,8 +176,11 @@ def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
         state = init_state(config, spec)
     else:
         logging.info("Resumed from step %d.", latest)
+        _say(f"Resuming from checkpoint {latest} in {workdir}.")
     start = int(state["step"])
-    logging.info("Parameters: %d on mesh %s", count_params(state["params"]), dict(mesh.shape))
+    n_params = count_params(state["params"])
+    logging.info("Parameters: %d on mesh %s", n_params, dict(mesh.shape))
+    _say(f"{n_params:,} parameters on mesh {_mesh_text(mesh)}; compiling the train step ...")
 
     frozen = jax.device_put(task.frozen(), spec.frozen_shardings)
     first = next(data_iter)
@@ -175,6 +198,7 @@ def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
         initial = run.evaluate(state)
         _append_history(workdir, {"step": 0, **initial})
         writer.write_scalars(0, initial)
+        _say(_eval_line(0, initial))
 
     with PreemptionWatch() as watch:
         state, preempted = run.train(state, first, watch)
@@ -188,6 +212,7 @@ def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
     final = run.evaluate(state)
     history = _append_history(workdir, {"step": int(state["step"]), **final})
     writer.write_scalars(int(state["step"]), final)
+    _say(_eval_line(int(state["step"]), final))
     summary.update(final)
     if history[0]["step"] == 0:
         summary.update({f"{k}_initial": v for k, v in history[0].items() if k.endswith("_ema")})
@@ -212,6 +237,13 @@ class _Run:
 
     def train(self, state, first, watch) -> tuple[dict, bool]:
         """Steps from state["step"] to config.total_steps; returns (state, whether preemption stopped it)."""
+        self.progress = _Progress(int(state["step"]), self.config.total_steps, self.spec.task.throughput_unit)
+        try:
+            return self._steps(state, first, watch)
+        finally:
+            self.progress.close()
+
+    def _steps(self, state, first, watch) -> tuple[dict, bool]:
         c, batch, step = self.config, first, int(state["step"])
         while step < c.total_steps:
             if batch is None:
@@ -221,6 +253,7 @@ class _Run:
             state, metrics = self.train_step(state, sharding.host_to_global(batch, self.mesh), self.frozen)
             self.window.append((metrics, self.spec.task.host_metrics(batch)))
             step, batch = step + 1, None
+            self.progress.step(step)
             self.guard.add(step, metrics)
             if step % c.log_every_steps == 0 or step == c.total_steps:
                 self._log(step)
@@ -231,24 +264,29 @@ class _Run:
                 if bad is not None:  # config.nonfinite="rollback"
                     state = self._rollback(bad)
                     step = int(state["step"])
+                    self.progress.step(step)
                     continue
             if c.eval_every_steps and step % c.eval_every_steps == 0 and step != c.total_steps:
                 scores = self.evaluate(state)
                 _append_history(self.workdir, {"step": step, **scores})
                 self.writer.write_scalars(step, scores)
+                _say(_eval_line(step, scores))
             if save:
                 # The iterator already yielded this step's batch, so its state is where the next step begins.
                 self.ckpt.save(step, state, self.data_iter, self.data_start)
+                self.progress.saved(step)
             if preempted:
                 self.ckpt.wait()
-                print(f"Stopped at step {step} ({watch.signal_name or 'preemption'}): checkpoint {step} is saved in "
-                      f"{self.workdir}; run the same command again to resume.", flush=True)
+                self.progress.close()
+                _say(f"Stopped at step {step} ({watch.signal_name or 'preemption'}): checkpoint {step} is saved in "
+                     f"{self.workdir}; run the same command again to resume.")
                 return state, True
         return state, False
 
     def _log(self, step: int) -> None:
         scalars = _window_scalars(self.spec.task, self.window, self.waits, self.t_last)
         self.writer.write_scalars(step, scalars)
+        self.progress.window(scalars)
         self.skipped.update({k: self.skipped.get(k, 0) + int(v) for k, v in scalars.items() if k.startswith("skipped")})
         self.window, self.waits, self.t_last = [], [], time.perf_counter()
 
@@ -262,8 +300,49 @@ class _Run:
         state = self.ckpt.restore(good, self.spec.abstract, self.data_iter)
         scale = float(state["lr_scale"]) * self.guard.lr_factor
         state["lr_scale"] = jax.device_put(np.float32(scale), self.spec.shardings["lr_scale"])
+        # A warning from our code: it reaches the terminal as one line (sora_jax.console) and the log file.
         logging.warning("step %d was not finite: rolled back to checkpoint %d with the learning rate x%.3g.",
                         bad, good, scale)
-        print(f"Step {bad} was not finite: rolled back to step {good}, learning rate x{scale:.3g}.", flush=True)
         self.window, self.waits, self.t_last = [], [], time.perf_counter()
         return state
+
+
+class _Progress:
+    """The training progress bar (process 0, on stderr): step / total, ETA, and the last logging window's loss
+    and throughput. Off a terminal (a batch job's log file) it redraws at most every 30 s."""
+
+    def __init__(self, start: int, total: int, unit: str):
+        from tqdm import tqdm
+        interactive = sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
+                        disable=jax.process_index() != 0, mininterval=0.5 if interactive else 30.0,
+                        smoothing=0.1)
+        self.unit, self.fields, self.closed = unit, {}, False
+
+    def step(self, step: int) -> None:
+        if step >= self.bar.n:
+            self.bar.update(step - self.bar.n)
+        else:  # rolled back to an earlier checkpoint
+            self.bar.n = step
+            self.bar.refresh()
+
+    def window(self, scalars: dict) -> None:
+        from tqdm import tqdm
+        if "loss" in scalars:
+            self.fields["loss"] = f"{scalars['loss']:.4g}"
+        rate = scalars.get(f"{self.unit}_per_sec")
+        if rate is not None:
+            self.fields[f"{self.unit}/s"] = tqdm.format_sizeof(rate)
+        self._show()
+
+    def saved(self, step: int) -> None:
+        self.fields["saved"] = str(step)
+        self._show()
+
+    def _show(self) -> None:
+        self.bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in self.fields.items()), refresh=False)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.bar.close()

@@ -29,6 +29,8 @@ import logging
 import os
 import socket
 
+from sora_jax import console
+
 
 class WorkdirLocked(ValueError):
     """Another live process holds the work dir's lock."""
@@ -147,5 +149,5 @@ class WorkdirLock:
             line = f"{self.workdir}: taking over the lock left by dead process {pid} on {host}."
         else:
             line = f"{self.workdir}: taking over the lock left by process {pid} on {host}, which no longer holds it."
-        logging.warning(line)
+        logging.warning(line, extra=console.FILE_ONLY)  # printed just below
         print(line, flush=True)

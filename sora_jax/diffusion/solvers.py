@@ -1,4 +1,4 @@
-"""Samplers for the flow ODE dx/dt = v(x, t), integrated from t = 1 (noise) to t = 0 (data)."""
+"""ODE solvers for the flow dx/dt = v(x, t), integrated from t = 1 (noise) to t = 0 (data), with CFG."""
 from __future__ import annotations
 
 from typing import Callable

@@ -1,4 +1,4 @@
-"""Text-to-video sampling from a trained model (the library behind `python -m sora_jax.sample`).
+"""Generation from a trained model: the Sampler library behind `python -m sora_jax.sample` (the CLI).
 
   python -m sora_jax.sample --workdir=DIR --prompt="a small red circle bouncing to the left" \
       --width=48 --height=32 --frames=8 --out=DIR [--steps=30 --guidance=3 --seed=0]
@@ -22,7 +22,7 @@ from tqdm import tqdm
 from sora_jax import patching
 from sora_jax.config_validation import ConfigError, check_video_size
 from sora_jax.diffusion.flow import predict_velocity, token_shift
-from sora_jax.diffusion.samplers import euler_sample, guided_velocity, timesteps
+from sora_jax.diffusion.solvers import euler_sample, guided_velocity, timesteps
 from sora_jax.models import build_model
 from sora_jax.models.autoencoder import build_autoencoder
 from sora_jax.models.dit import PackedInputs
