@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a GPU")
     config.addinivalue_line("markers", "tpu: needs a TPU")
+    config.addinivalue_line("markers", "slow: minutes of training (the test command runs them; -m 'not slow' skips)")
 
 
 def pytest_collection_modifyitems(config, items):

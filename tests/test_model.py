@@ -1,73 +1,15 @@
-"""Packed attention isolation and mesh equivalence of the train step."""
+"""Parameter sharding from the config's logical-axis rules, and the optimizer's learning-rate schedule.
+
+Packed isolation lives in test_packed_isolation.py, the 1-device vs mesh train step in test_mesh_equivalence.py.
+"""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_pipelines import pipeline
 from sora_jax import sharding
-from sora_jax.models.dit import PackedInputs
-from sora_jax.train.state import init_state, state_spec
-from sora_jax.train.step import make_train_step
-from tests.conftest import randomised_model, smoke_config
-
-
-def _inputs(batch, t):
-    return PackedInputs(jnp.asarray(batch["video"]), jnp.asarray(batch["video_pos"]), jnp.asarray(batch["video_seg"]),
-                        jnp.asarray(t), jnp.asarray(batch["text"]), jnp.asarray(batch["text_seg"]),
-                        jnp.asarray(batch["text_pos"]), jnp.zeros(t.shape, bool))
-
-
-def test_packed_attention_never_crosses_samples():
-    config = smoke_config()
-    batch = dict(next(iter(pipeline.packed_dataset(config))))
-    row = int(np.argmax((batch["info"][..., 3] > 0).sum(-1)))
-    assert (batch["info"][row, :, 3] > 0).sum() >= 2, "need a row with several samples"
-    model = randomised_model(config)
-    t = np.linspace(0.1, 0.9, batch["info"].shape[1], dtype=np.float32)[None].repeat(len(batch["video"]), 0)
-    before = np.asarray(model(_inputs(batch, t)))
-
-    changed = {k: v.copy() for k, v in batch.items()}
-    target = changed["video_seg"][row] == 1
-    changed["video"][row][target] = np.random.default_rng(0).normal(size=changed["video"][row][target].shape)
-    changed["text"][row][changed["text_seg"][row] == 1] = 3  # a different caption for sample 1
-    t2 = t.copy()
-    t2[row, 0] = 0.77  # and a different timestep
-    after = np.asarray(model(_inputs(changed, t2)))
-
-    others = (batch["video_seg"][row] > 1)
-    np.testing.assert_allclose(after[row][others], before[row][others], rtol=0, atol=1e-6)
-    assert np.abs(after[row][target] - before[row][target]).max() > 1e-3  # the changed sample did change
-    rest = np.arange(len(batch["video"])) != row
-    np.testing.assert_allclose(after[rest], before[rest], rtol=0, atol=1e-6)
-
-
-def _one_step(config, devices, mesh_cfg):
-    config.mesh.update(mesh_cfg)
-    batch = next(iter(pipeline.packed_dataset(config)))
-    mesh = sharding.make_mesh(config.mesh, devices)
-    with sharding.use_mesh(mesh):
-        spec = state_spec(config, mesh)
-        state = init_state(config, spec)
-        step = make_train_step(config, spec, batch)
-        state, metrics = step(state, sharding.host_to_global(batch, mesh), {})
-        state, metrics2 = step(state, sharding.host_to_global(batch, mesh), {})
-    return float(metrics["loss"]), float(metrics2["loss"]), jax.device_get(state["params"]), state
-
-
-def test_train_step_matches_between_one_device_and_sharded_mesh():
-    assert len(jax.devices()) == 8
-    loss1, loss1b, params1, _ = _one_step(smoke_config(), jax.devices()[:1], dict(data=1, fsdp=1, tensor=1))
-    loss8, loss8b, params8, state8 = _one_step(smoke_config(), jax.devices(), dict(data=2, fsdp=2, tensor=2))
-    # The mesh really shards parameters over fsdp and tensor.
-    kernel = state8["params"]["blocks"][0]["mlp"]["fc1"]["kernel"]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-    assert kernel.addressable_shards[0].data.shape == (kernel.shape[0] // 2, kernel.shape[1] // 2)
-    # Same batch and init: the losses agree to float32 reduction-order noise (stated tolerance 1e-5 rel).
-    assert loss1 == pytest.approx(loss8, rel=1e-5)
-    assert loss1b == pytest.approx(loss8b, rel=1e-5)
-    for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+from sora_jax.train.state import make_optimizer, state_spec
+from tests.conftest import smoke_config
 
 
 def test_config_rules_decide_parameter_sharding():
@@ -82,3 +24,27 @@ def test_config_rules_decide_parameter_sharding():
         assert sharding.batch_sharding(mesh).spec == jax.sharding.PartitionSpec("data")
     with pytest.raises(ValueError, match="unknown mesh axes"):
         sharding.rules_from_config(smoke_config(**{"logical_axis_rules": [["embed", "model"]]}))
+
+
+def _rates(warmup_steps, schedule, total_steps=8):
+    """The step each update takes on a scalar with gradient 1: Adam's first moves are the learning rate."""
+    optim = smoke_config(**{"optim.lr": 0.1, "optim.warmup_steps": warmup_steps, "optim.schedule": schedule,
+                            "optim.weight_decay": 0.0, "optim.grad_clip": 0.0}).optim
+    tx = make_optimizer(optim, total_steps)
+    param, opt_state, rates = jnp.zeros(()), tx.init(jnp.zeros(())), []
+    for _ in range(total_steps):
+        update, opt_state = tx.update(jnp.ones(()), opt_state, param)
+        rates.append(-float(update))
+    return np.asarray(rates)
+
+
+def test_warmup_starts_at_the_first_update():
+    """Update k uses lr * min((k + 1) / warmup, 1): no update is wasted at rate 0, warm-up 0 is the full rate."""
+    np.testing.assert_allclose(_rates(4, "constant"), [0.025, 0.05, 0.075, 0.1, 0.1, 0.1, 0.1, 0.1], rtol=1e-5)
+    np.testing.assert_allclose(_rates(0, "constant"), [0.1] * 8, rtol=1e-5)
+    cosine = _rates(2, "cosine")
+    np.testing.assert_allclose(cosine[:3], [0.05, 0.1, 0.1], rtol=1e-5)  # the peak at update warmup_steps
+    assert np.all(np.diff(cosine[2:]) < 0) and cosine[-1] > 0  # then decays, the last update included
+    assert _rates(0, "cosine")[0] == pytest.approx(0.1, rel=1e-5)
+    with pytest.raises(ValueError, match="config.optim.schedule='linear'"):
+        make_optimizer(smoke_config(**{"optim.schedule": "linear"}).optim, 8)

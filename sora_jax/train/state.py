@@ -22,16 +22,26 @@ from sora_jax import sharding
 def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
     """AdamW with linear warmup, then constant or cosine decay, after global-norm clipping.
 
+    Update k (counting from 0) uses lr * min((k + 1) / warmup_steps, 1): the first update already moves
+    the weights (lr / warmup_steps), and warmup_steps=0 means the full rate from the first step. The
+    cosine schedule then decays from lr at update warmup_steps towards 0 at update total_steps.
     The second moment is always float32; the first may be bfloat16 (config.optim.mu_dtype).
     """
-    warmup = max(int(optim_cfg.warmup_steps), 1)
-    if optim_cfg.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, optim_cfg.lr, warmup, max(total_steps, warmup + 1))
-    elif optim_cfg.schedule == "constant":
-        lr = optax.join_schedules([optax.linear_schedule(0.0, optim_cfg.lr, warmup),
-                                   optax.constant_schedule(optim_cfg.lr)], [warmup])
-    else:
+    if optim_cfg.schedule not in ("constant", "cosine"):
         raise ValueError(f"config.optim.schedule={optim_cfg.schedule!r}; choose 'constant' or 'cosine'.")
+    peak, warmup, cosine = float(optim_cfg.lr), int(optim_cfg.warmup_steps), optim_cfg.schedule == "cosine"
+    decay_steps = max(total_steps - warmup, 1)
+
+    def lr(count):
+        # optax.linear_schedule(0, lr, warmup) would give update 0 a rate of 0: a wasted step, and with
+        # warmup_steps=0 every step would be (optax treats 0 transition steps as "stay at the start").
+        count = jnp.asarray(count, jnp.float32)
+        rate = peak * (jnp.minimum((count + 1.0) / warmup, 1.0) if warmup > 0 else 1.0)
+        if cosine:
+            progress = jnp.clip((count - warmup) / decay_steps, 0.0, 1.0)
+            rate = rate * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return rate
+
     return optax.chain(
         optax.clip_by_global_norm(optim_cfg.grad_clip) if optim_cfg.grad_clip > 0 else optax.identity(),
         optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, weight_decay=optim_cfg.weight_decay,
