@@ -1,0 +1,65 @@
+"""The demo model learns what its captions say, not just the pixels' statistics (about 2 minutes on CPU).
+
+The default tiny model, trained briefly on the procedural world: its validation loss with the true
+captions (at high noise) must be below the loss with each sample's caption swapped for another sample's, and its
+samples of held-out prompts must show the prompted color well above chance (1/7).
+"""
+import numpy as np
+import pytest
+
+from configs import tiny
+from data_pipelines import pipeline, procedural
+from sora_jax.train.loop import train_and_evaluate
+
+
+def _swap_captions(monkeypatch):
+    """Every procedural sample keeps its video but takes the caption of sample index + 1 (another combo)."""
+    original = procedural.ProceduralWorld.__getitem__
+
+    def swapped(self, index):
+        return {**original(self, index), "caption": original(self, int(index) + 1)["caption"]}
+    monkeypatch.setattr(procedural.ProceduralWorld, "__getitem__", swapped)
+
+
+def _val_loss(config, workdir, batches) -> float:
+    from sora_jax import sharding
+    from sora_jax.tasks import build_task
+    from sora_jax.train import checkpointing
+    from sora_jax.train.state import state_spec
+    from sora_jax.train.step import make_eval_step
+    mesh = sharding.make_mesh(config.mesh)
+    with sharding.use_mesh(mesh, sharding.rules_from_config(config)):
+        spec = state_spec(config, mesh, build_task(config))
+        ckpt = checkpointing.Checkpointer(workdir, read_only=True)
+        params = ckpt.restore_params(config.total_steps, spec.abstract["ema"], "ema")
+        ckpt.close()
+        step = make_eval_step(config, spec, batches[0])
+        # High noise only (t in [0.6, 1)): there the caption decides what the model predicts; at low noise
+        # the (x0-parameterised) loss is dominated by pixel detail that no caption carries.
+        batches = [{**b, "t": (0.6 + 0.4 * b["t"]).astype(np.float32)} for b in batches]
+        losses = [float(step(params, sharding.host_to_global(b, mesh), {}, np.int32(i))["loss"])
+                  for i, b in enumerate(batches)]
+    return float(np.mean(losses))
+
+
+@pytest.mark.slow
+def test_the_demo_model_follows_its_captions(tmp_path, monkeypatch):
+    config = tiny.get_config()
+    config.update(total_steps=200, checkpoint_every_steps=200, log_every_steps=50, eval_batches=4)
+    config.sample.update(num_prompts=8, steps=20)
+    workdir = str(tmp_path)
+    train_and_evaluate(config, workdir)
+
+    true = _val_loss(config, workdir, pipeline.eval_batches(config, config.eval_batches))
+    _swap_captions(monkeypatch)
+    swapped = _val_loss(config, workdir, pipeline.eval_batches(config, config.eval_batches))
+    print(f"validation loss at high noise: true captions {true:.4f}, swapped {swapped:.4f}")
+    # Measured 2026-11-23: 0.1419 vs 0.1443 (1.7 % apart; the object is a small part of each frame, so the
+    # caption moves little of the pixel loss). Training is seeded, so the margin is reproducible.
+    assert true < 0.99 * swapped, (true, swapped)
+    monkeypatch.undo()
+
+    from sora_jax.tasks import build_task
+    scores = build_task(config).after_training(workdir)
+    print(f"held-out color accuracy: {scores['color_accuracy']:.3f}")
+    assert scores["color_accuracy"] >= 0.5, scores["color_detail"]
