@@ -104,3 +104,27 @@ def test_rollback_restores_the_checkpoint_lowers_the_rate_and_finishes(trained_w
     state, _ = _final_state(workdir, 8)
     assert np.isclose(float(state["lr_scale"]), 1e-30)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_sigkill_during_saves_resumes_from_the_newest_complete_step(tmp_path):
+    workdir = str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "sora_jax.train", "--config=configs/tiny.py:smoke", f"--workdir={workdir}",
+           "--config.total_steps=400", "--config.checkpoint_every_steps=1", "--config.log_every_steps=1",
+           "--config.keep_checkpoints=2", "--config.sample.num_prompts=0", "--alsologtostderr"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = 0
+    for line in proc.stdout:  # saving every step: a kill after a few steps lands in or between saves
+        seen += "] grad_norm=" in line
+        if seen >= 5:
+            proc.kill()
+            break
+    proc.wait(timeout=60)
+    complete = _steps(workdir)
+    assert complete, "no checkpoint was complete before the kill"
+    rerun = subprocess.run([*cmd[:5], "--config.total_steps=" + str(complete[-1] + 2), *cmd[6:]], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"Resuming from checkpoint {complete[-1]}" in rerun.stdout + rerun.stderr
+    assert _steps(workdir)[-1] == complete[-1] + 2
+    leftovers = [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in d]
+    assert not leftovers, leftovers  # the killed save's tmp dir was cleaned up

@@ -172,8 +172,10 @@ class Checkpointer:
         self.workdir, self.read_only = workdir, read_only
         self.moved_aside: list[str] = []  # where this object moved damaged steps, oldest first
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        # The trainer (the one writer; see workdir_lock) removes the tmp dirs of saves a killed run left.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                               enable_async_checkpointing=not read_only)
+                                               enable_async_checkpointing=not read_only,
+                                               cleanup_tmp_directories=not read_only)
         # Registered handlers let orbax read item metadata (shapes) before any restore.
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
             "state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
