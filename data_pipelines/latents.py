@@ -12,6 +12,16 @@ def shard_name(k: int, total: int) -> str:
     return f"latents-{k:05d}-of-{total:05d}.array_record"
 
 
+def _opens(path: str) -> bool:
+    """Whether array_record can open this one shard."""
+    import grain
+    try:
+        grain.sources.ArrayRecordDataSource([path])
+        return True
+    except Exception:
+        return False
+
+
 class LatentShards:
     """Random-access source over the shards of `python -m sora_jax.encode` (what the DiT pipeline reads)."""
 
@@ -29,7 +39,13 @@ class LatentShards:
         if missing:
             raise ValueError(f"{len(missing)} of {total} shards are missing in {latent_dir} (e.g. {missing[0]}); "
                              "rerun `python -m sora_jax.encode` with the same flags to finish them.")
-        self._source = grain.sources.ArrayRecordDataSource(paths)
+        try:
+            self._source = grain.sources.ArrayRecordDataSource(paths)
+        except Exception as e:  # array_record names no file: find the one that does not open
+            bad = next((p for p in paths if not _opens(p)), None)
+            where = f"shard {bad} does not open (truncated or not an ArrayRecord file)" if bad else f"{e!r}"
+            raise ValueError(f"{latent_dir}: {where}; delete it and rerun `python -m sora_jax.encode` with the same "
+                             "flags to rewrite it.") from e
 
     def __len__(self) -> int:
         return len(self._source)

@@ -229,3 +229,14 @@ def test_a_folder_with_nothing_readable_is_a_clear_error(folder, tmp_path):
     with pytest.raises(NoReadableExamples, match="none could be used"):
         train_and_evaluate(_config(str(manifest)), str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "checkpoints" / "0")
+
+
+def test_a_truncated_latent_shard_is_named(folder, tmp_path):
+    from data_pipelines.latents import LatentShards
+    from sora_jax.encode import encode_dataset
+    c = _config(folder["manifest"], **{"data.raw_source": "folder"})
+    encode_dataset(c, str(tmp_path / "cache"), num_examples=1000, shard_size=8)
+    shard = tmp_path / "cache" / "latents-00001-of-00002.array_record"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"shard {shard} does not open.*rerun `python -m sora_jax.encode`"):
+        LatentShards(str(tmp_path / "cache"))
