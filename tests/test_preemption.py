@@ -1,4 +1,5 @@
 """Preemption and non-finite steps: SIGTERM saves and resumes bitwise; each config.nonfinite policy."""
+import json
 import os
 import shutil
 import signal
@@ -128,3 +129,19 @@ def test_sigkill_during_saves_resumes_from_the_newest_complete_step(tmp_path):
     assert _steps(workdir)[-1] == complete[-1] + 2
     leftovers = [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in d]
     assert not leftovers, leftovers  # the killed save's tmp dir was cleaned up
+
+
+def test_a_rerun_finishes_what_an_interrupted_after_training_part_left(trained_workdir, tmp_path):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(trained_workdir, workdir)
+    open(os.path.join(workdir, "after_training.pending"), "w").close()  # as a SIGTERM while sampling leaves it
+    r = subprocess.run([sys.executable, "-m", "sora_jax.train", "--config=configs/tiny.py:smoke",
+                        f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "finishing them" in r.stdout
+    results = json.load(open(os.path.join(workdir, "results.json")))
+    assert results["step"] == 4 and results["sample_paths"] and "val_loss_ema" in results
+    assert not os.path.exists(os.path.join(workdir, "after_training.pending"))
+    again = subprocess.run([sys.executable, "-m", "sora_jax.train", "--config=configs/tiny.py:smoke",
+                            f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "finishing" not in again.stdout
