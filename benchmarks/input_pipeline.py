@@ -230,8 +230,8 @@ def time_packed(config, rounds: int, min_seconds: float) -> dict:
             batch = next(it)
             examples += int(np.sum(batch["info"][..., 3] > 0))
             frames += int(np.sum(batch["info"][..., 0]))  # token frames: video frames in pixel space
-            tokens += int(np.sum(batch["video_seg"] > 0))
-            slots += batch["video_seg"].size
+            tokens += int(np.sum(batch["video_segment_ids"] > 0))
+            slots += batch["video_segment_ids"].size
         batches += per_round
     elapsed = time.perf_counter() - t1
     info = batch["info"][batch["info"][..., 3] > 0]

@@ -249,10 +249,10 @@ def our_batch(sizes: Sizes, vocab_size: int, seed: int = 0) -> dict:
     return {
         "video": rng.standard_normal((rows, k * n, sizes.patch_features), np.float32),
         "video_pos": per_row(np.tile(patching.positions(grid), (k, 1))),
-        "video_seg": per_row(np.repeat(np.arange(1, k + 1, dtype=np.int32), n)),
+        "video_segment_ids": per_row(np.repeat(np.arange(1, k + 1, dtype=np.int32), n)),
         "text": rng.integers(3, vocab_size, (rows, k * lt), dtype=np.int32),
-        "text_seg": per_row(np.repeat(np.arange(1, k + 1, dtype=np.int32), lt)),
-        "text_pos": per_row(np.tile(np.arange(lt, dtype=np.int32), k)),
+        "text_segment_ids": per_row(np.repeat(np.arange(1, k + 1, dtype=np.int32), lt)),
+        "text_positions": per_row(np.tile(np.arange(lt, dtype=np.int32), k)),
         "info": per_row(info),
     }
 
@@ -283,7 +283,7 @@ class OursRunner:
             self.batch = sharding.host_to_global(host_batch, mesh)
             self.step = make_train_step(config, spec, host_batch).lower(self.state, self.batch, {}).compile()
         self.params = count_params(self.state["params"])
-        self.tokens_per_step = int(np.sum(host_batch["video_seg"] > 0))
+        self.tokens_per_step = int(np.sum(host_batch["video_segment_ids"] > 0))
         self.flops = model_flops(sizes, sizes.samples_per_row)
         self.loss = float("nan")
 

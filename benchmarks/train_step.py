@@ -63,7 +63,7 @@ def main(argv):
         start, real = time.perf_counter(), 0.0
         for b in batches[1:]:
             state, m = compiled(state, sharding.host_to_global(b, mesh), {})
-            real += float(np.sum(b["video_seg"] > 0))
+            real += float(np.sum(b["video_segment_ids"] > 0))
         jax.block_until_ready(m)
         elapsed = time.perf_counter() - start
     peak = matmul_flops_per_sec()

@@ -5,8 +5,8 @@ ids that agree across features, so sample k of a row has segment id k + 1 in the
 caption tokens and in the per-sample `info` and `meta` slots k. No sample is cropped or split across rows.
 
 A batch (per host) is a dict of numpy arrays:
-  video [R, L, D] patches; video_pos [R, L, 3] (t, h, w); video_seg [R, L] (0 = padding);
-  text [R, Lt]; text_seg [R, Lt]; text_pos [R, Lt] (position within its caption);
+  video [R, L, D] patches; video_pos [R, L, 3] (t, h, w); video_segment_ids [R, L] (0 = padding);
+  text [R, Lt]; text_segment_ids [R, Lt]; text_positions [R, Lt] (position within its caption);
   info [R, S, 5] per sample: (nt, nh, nw, num_tokens, source index), zeros for empty slots;
   meta [R, S, 4] per sample: (fps, original height, original width, duration in s), zeros where unknown;
   host_skipped [len(SKIP_REASONS)]: files skipped since this host's previous batch, by reason. Keys
@@ -182,11 +182,12 @@ class ToTokens(grain.transforms.Map):
 
 
 def _finish(batch: dict) -> dict:
-    """Renames packed features and attaches the skip counts drained from this process's tally."""
+    """Keeps the packed features the model reads, under the names grain's packer gives them (one name from
+    here to the loss), and attaches the skip counts drained from this process's tally."""
     skipped = sources.SKIPS.drain()
     return {
-        "video": batch["video"], "video_pos": batch["video_pos"], "video_seg": batch["video_segment_ids"],
-        "text": batch["text"], "text_seg": batch["text_segment_ids"], "text_pos": batch["text_positions"],
+        "video": batch["video"], "video_pos": batch["video_pos"], "video_segment_ids": batch["video_segment_ids"],
+        "text": batch["text"], "text_segment_ids": batch["text_segment_ids"], "text_positions": batch["text_positions"],
         "info": batch["info"], "meta": batch["meta"],
         "host_skipped": np.asarray([skipped.get(r, 0) for r in media.SKIP_REASONS], np.int64),
     }
@@ -268,7 +269,7 @@ def sample_prompts(config, count: int) -> tuple[list[str], bool]:
 
 def padding_fraction(batch: dict) -> float:
     """Share of video token slots that hold padding."""
-    return float(1.0 - np.mean(batch["video_seg"] > 0))
+    return float(1.0 - np.mean(batch["video_segment_ids"] > 0))
 
 
 def eval_batches(config, num_batches: int, process_index: int = 0, process_count: int = 1) -> list[dict]:

@@ -113,8 +113,9 @@ def test_unknown_backend_and_auto_resolution():
 
 
 def _run(model, batch, t, drop):
-    inputs = PackedInputs(*(jnp.asarray(batch[k]) for k in ("video", "video_pos", "video_seg")), jnp.asarray(t),
-                          *(jnp.asarray(batch[k]) for k in ("text", "text_seg", "text_pos")), jnp.asarray(drop))
+    video = (jnp.asarray(batch[k]) for k in ("video", "video_pos", "video_segment_ids"))
+    text = (jnp.asarray(batch[k]) for k in ("text", "text_segment_ids", "text_positions"))
+    inputs = PackedInputs(*video, jnp.asarray(t), *text, jnp.asarray(drop))
     return np.asarray(model(inputs))
 
 

@@ -48,14 +48,14 @@ def test_packed_rows_hold_whole_samples_with_aligned_segments():
     for r in range(batch["video"].shape[0]):
         for slot, (nt, nh, nw, n, index) in enumerate(batch["info"][r]):
             if n == 0:
-                assert not np.any(batch["video_seg"][r] == slot + 1)
+                assert not np.any(batch["video_segment_ids"][r] == slot + 1)
                 continue
-            sel = batch["video_seg"][r] == slot + 1
+            sel = batch["video_segment_ids"][r] == slot + 1
             assert sel.sum() == n == nt * nh * nw
             expected = patching.patchify(world[int(index)]["video"], tuple(config.model.patch))
             np.testing.assert_array_equal(batch["video"][r][sel], expected)
             np.testing.assert_array_equal(batch["video_pos"][r][sel], patching.positions((nt, nh, nw)))
-            text = batch["text"][r][batch["text_seg"][r] == slot + 1]
+            text = batch["text"][r][batch["text_segment_ids"][r] == slot + 1]
             np.testing.assert_array_equal(text, tokenizer.encode(world[int(index)]["caption"], config.text.max_len))
 
 

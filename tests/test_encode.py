@@ -54,7 +54,7 @@ def test_encode_resume_split_and_train(vae_dir, tmp_path):
     train_config = _config(vae_dir, out)
     batch = next(iter(pipeline.packed_dataset(train_config)))
     nt, nh, nw, n, index = batch["info"][0, 0]
-    sel = batch["video_seg"][0] == 1
+    sel = batch["video_segment_ids"][0] == 1
     np.testing.assert_array_equal(batch["video"][0][sel], patching.patchify(shards[int(index)]["latent"], (1, 1, 1)))
     summary = train_and_evaluate(train_config, str(tmp_path / "run"))
     assert summary["step"] == 4

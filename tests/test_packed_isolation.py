@@ -48,7 +48,7 @@ def _packed_batch():
     # Own caption per sample: random words keep each caption's length but make no two captions alike
     # (the pipeline repeats captions, which would hide a lookup of the wrong sample's caption).
     vocab = build_tokenizer(config.text).vocab_size
-    real_text = batch["text_seg"] > 0
+    real_text = batch["text_segment_ids"] > 0
     batch["text"] = np.where(real_text, rng.integers(3, vocab, size=batch["text"].shape), 0).astype(np.int32)
     t = rng.uniform(0.05, 0.95, size=(rows, slots)).astype(np.float32)
     drop = rng.random((rows, slots)) < 0.4
@@ -66,7 +66,8 @@ def _check_variety(batch, t, drop, samples):
     flags = [bool(drop[r, s - 1]) for r, s in samples]
     assert any(flags) and not all(flags), "need both dropped and kept captions"
     assert len({float(t[r, s - 1]) for r, s in samples}) == len(samples)
-    assert (batch["video_seg"] == 0).any() and (batch["text_seg"] == 0).any(), "need padding to fill with noise"
+    padded = (batch["video_segment_ids"] == 0).any() and (batch["text_segment_ids"] == 0).any()
+    assert padded, "need padding to fill with noise"
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,8 +76,9 @@ def _forward(backend):
     graphdef, state = nnx.split(randomised_model(_config(backend)))
     fn = jax.jit(lambda state, inputs: nnx.merge(graphdef, state)(inputs))
     return lambda batch, t, drop, meta: np.asarray(fn(state, PackedInputs(
-        *(jnp.asarray(batch[k]) for k in ("video", "video_pos", "video_seg")), jnp.asarray(t),
-        *(jnp.asarray(batch[k]) for k in ("text", "text_seg", "text_pos")), jnp.asarray(drop), jnp.asarray(meta))))
+        *(jnp.asarray(batch[k]) for k in ("video", "video_pos", "video_segment_ids")), jnp.asarray(t),
+        *(jnp.asarray(batch[k]) for k in ("text", "text_segment_ids", "text_positions")), jnp.asarray(drop),
+        jnp.asarray(meta))))
 
 
 def _alone_rows(batch, t, drop, meta, chosen):
@@ -89,11 +91,12 @@ def _alone_rows(batch, t, drop, meta, chosen):
     drop1 = np.ones((rows, t.shape[1]), bool)
     meta1 = np.ones((rows,) + meta.shape[1:], np.float32)
     for i, (r, s) in enumerate(chosen):
-        vid, txt = batch["video_seg"][r] == s, batch["text_seg"][r] == s
+        vid, txt = batch["video_segment_ids"][r] == s, batch["text_segment_ids"][r] == s
         n, nt = int(vid.sum()), int(txt.sum())
-        for key, mask, length in (("video", vid, n), ("video_pos", vid, n), ("text", txt, nt), ("text_pos", txt, nt)):
+        fields = (("video", vid, n), ("video_pos", vid, n), ("text", txt, nt), ("text_positions", txt, nt))
+        for key, mask, length in fields:
             out[key][i, :length] = batch[key][r][mask]
-        out["video_seg"][i, :n], out["text_seg"][i, :nt] = 1, 1
+        out["video_segment_ids"][i, :n], out["text_segment_ids"][i, :nt] = 1, 1
         t1[i, 0], drop1[i, 0], meta1[i, 0] = t[r, s - 1], drop[r, s - 1], meta[r, s - 1]
     return out, t1, drop1, meta1
 
@@ -101,11 +104,11 @@ def _alone_rows(batch, t, drop, meta, chosen):
 def _with_noisy_padding(batch, t, drop, meta, rng):
     """The same batch with every padding token, caption slot and unused per-sample slot full of noise."""
     noisy = {k: v.copy() for k, v in batch.items()}
-    pad, tpad = batch["video_seg"] == 0, batch["text_seg"] == 0
+    pad, tpad = batch["video_segment_ids"] == 0, batch["text_segment_ids"] == 0
     noisy["video"][pad] = rng.normal(size=noisy["video"][pad].shape) * 3
     noisy["video_pos"][pad] = rng.integers(0, 9, size=noisy["video_pos"][pad].shape)
     noisy["text"][tpad] = rng.integers(3, 20, size=noisy["text"][tpad].shape)
-    noisy["text_pos"][tpad] = rng.integers(0, 12, size=noisy["text_pos"][tpad].shape)
+    noisy["text_positions"][tpad] = rng.integers(0, 12, size=noisy["text_positions"][tpad].shape)
     unused = batch["info"][..., 3] == 0
     t, drop, meta = t.copy(), drop.copy(), meta.copy()
     t[unused] = rng.uniform(size=int(unused.sum()))
@@ -120,7 +123,7 @@ def test_every_packed_sample_equals_itself_alone_and_ignores_padding(backend):
     _check_variety(batch, t, drop, samples)
     forward = _forward(backend)
     packed = forward(batch, t, drop, meta)
-    scale = float(np.abs(packed[batch["video_seg"] > 0]).max())
+    scale = float(np.abs(packed[batch["video_segment_ids"] > 0]).max())
     assert scale > 1e-2, "the randomised model's output is too small to prove anything"
     atol = REL_TOL * scale
 
@@ -129,12 +132,12 @@ def test_every_packed_sample_equals_itself_alone_and_ignores_padding(backend):
         chosen = samples[start:start + rows] + [samples[0]] * (rows - len(samples[start:start + rows]))
         alone = forward(*_alone_rows(batch, t, drop, meta, chosen))
         for i, (r, s) in enumerate(samples[start:start + rows]):
-            n = int((batch["video_seg"][r] == s).sum())
-            np.testing.assert_allclose(alone[i, :n], packed[r][batch["video_seg"][r] == s], rtol=0, atol=atol,
+            n = int((batch["video_segment_ids"][r] == s).sum())
+            np.testing.assert_allclose(alone[i, :n], packed[r][batch["video_segment_ids"][r] == s], rtol=0, atol=atol,
                                        err_msg=f"{backend}: sample {s} of row {r} differs packed vs alone")
 
     noisy = forward(*_with_noisy_padding(batch, t, drop, meta, np.random.default_rng(1)))
-    real = batch["video_seg"] > 0
+    real = batch["video_segment_ids"] > 0
     # Masked-out keys get exactly zero weight, so the real tokens' outputs are bitwise unchanged.
     np.testing.assert_array_equal(noisy[real], packed[real],
                                   err_msg=f"{backend}: noise in the padding changed real tokens")

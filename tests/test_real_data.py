@@ -209,14 +209,15 @@ def test_metadata_conditioning_reaches_the_model(folder):
     t = np.full(batch["info"].shape[:2], 0.5, np.float32)
 
     def run(meta):
-        inputs = PackedInputs(*(jnp.asarray(batch[k]) for k in ("video", "video_pos", "video_seg")), jnp.asarray(t),
-                              *(jnp.asarray(batch[k]) for k in ("text", "text_seg", "text_pos")),
+        video = (jnp.asarray(batch[k]) for k in ("video", "video_pos", "video_segment_ids"))
+        inputs = PackedInputs(*video, jnp.asarray(t),
+                              *(jnp.asarray(batch[k]) for k in ("text", "text_segment_ids", "text_positions")),
                               jnp.zeros(t.shape, bool), meta)
         return np.asarray(model(inputs))
 
     doubled = batch["meta"].copy()
     doubled[..., 0] *= 2  # the same clips, labelled at twice the frame rate
-    real = batch["video_seg"] > 0
+    real = batch["video_segment_ids"] > 0
     assert np.abs(run(jnp.asarray(batch["meta"])) - run(jnp.asarray(doubled)))[real].max() > 1e-4
     with pytest.raises(ValueError, match="meta_conditioning"):
         run(None)

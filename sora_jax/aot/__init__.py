@@ -203,8 +203,8 @@ def dit_batch(config) -> dict[str, tuple[tuple[int, ...], Any]]:
     rows, length, text, samples = d.global_batch_rows, d.seq_len, d.text_len, d.max_samples_per_row
     return {
         "video": ((rows, length, patch_dim(config)), np.float32), "video_pos": ((rows, length, 3), np.int32),
-        "video_seg": ((rows, length), np.int32), "text": ((rows, text), np.int32),
-        "text_seg": ((rows, text), np.int32), "text_pos": ((rows, text), np.int32),
+        "video_segment_ids": ((rows, length), np.int32), "text": ((rows, text), np.int32),
+        "text_segment_ids": ((rows, text), np.int32), "text_positions": ((rows, text), np.int32),
         "info": ((rows, samples, 5), np.int32),
     }
 

@@ -61,7 +61,7 @@ def flow_loss(model, batch: dict, key: jax.Array, flow_cfg, caption_dropout: flo
       (loss, aux) where aux holds the token count behind the mean.
     """
     k_t, k_noise, k_drop = jax.random.split(key, 3)
-    x0, segments = batch["video"], batch["video_seg"]
+    x0, segments = batch["video"], batch["video_segment_ids"]
     num_tokens = batch["info"][..., 3]
     t = sample_t(k_t, num_tokens, flow_cfg)
     if "t" in batch:  # fixed timesteps, for validation
@@ -70,9 +70,9 @@ def flow_loss(model, batch: dict, key: jax.Array, flow_cfg, caption_dropout: flo
     t_tok = gather_segments(t, segments)[..., None]
     xt = (1.0 - t_tok) * x0 + t_tok * noise
     drop = jax.random.bernoulli(k_drop, caption_dropout, t.shape)
-    pred = predict_velocity(model, PackedInputs(xt, batch["video_pos"], segments, t, batch["text"],
-                                                batch["text_seg"], batch["text_pos"], drop, batch.get("meta")),
-                            flow_cfg)
+    inputs = PackedInputs(xt, batch["video_pos"], segments, t, batch["text"], batch["text_segment_ids"],
+                          batch["text_positions"], drop, batch.get("meta"))
+    pred = predict_velocity(model, inputs, flow_cfg)
     mask = (segments > 0).astype(jnp.float32)[..., None]
     denom = jnp.maximum(mask.sum() * x0.shape[-1], 1.0)
     loss = jnp.sum(mask * jnp.square(pred - (noise - x0))) / denom
