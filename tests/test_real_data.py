@@ -48,11 +48,13 @@ def test_training_from_a_folder_skips_and_counts_bad_files(folder, tmp_path, cap
     assert summary["step"] == 4 and np.isfinite(summary["val_loss_params"])
     expected = _expected_skips(folder)
     # Every epoch skips every bad entry once; four steps of 8 rows read the 14-line manifest several times.
+    # Counts reach the trainer in the batch that follows the skip, so skips made while packing rows still in
+    # flight (the packer's look-ahead, up to about one epoch here) are not counted yet: hence epochs - 2.
     epochs = summary["skipped_empty"]
-    assert epochs >= 1
+    assert epochs >= 3
     for reason, n in expected.items():
-        assert summary[f"skipped_{reason}"] >= n * (epochs - 1) and summary[f"skipped_{reason}"] > 0 or n == 0, (
-            reason, summary)
+        count = summary[f"skipped_{reason}"]
+        assert (n == 0 and count == 0) or (count >= n * (epochs - 2) and count <= n * (epochs + 2)), (reason, summary)
     for path in folder["bad"]:
         assert path in caplog.text, f"no log line names {path}"
 
