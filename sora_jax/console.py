@@ -123,7 +123,46 @@ def _open_log(log_file: str, create_dir: bool):
         return fallback, open(fallback, "a", encoding="utf-8")
 
 
-def setup_logging(log_file: str, verbose: bool = False, create_dir: bool = True) -> str:
+class _DeferredLog:
+    """A log stream that holds what is written until commit() opens the file (see setup_logging(deferred))."""
+
+    def __init__(self, log_file: str, create_dir: bool):
+        self.log_file, self.create_dir, self.held, self.file = log_file, create_dir, [], None
+
+    def write(self, text: str) -> None:
+        if self.file is None:
+            self.held.append(text)
+        else:
+            self.file.write(text)
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+    def commit(self) -> str:
+        if self.file is None:
+            self.log_file, self.file = _open_log(self.log_file, self.create_dir)
+            self.file.write("".join(self.held))
+            self.held = []
+        return self.log_file
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def commit_log() -> None:
+    """Starts writing a deferred log file (setup_logging(deferred=True)); a no-op otherwise.
+
+    The trainer calls it once the config has been accepted and before it writes anything else, so a
+    rejected command leaves the work dir byte-identical. An unexpected error commits it too (the log file
+    then holds the traceback)."""
+    stream = _state["stream"]
+    if isinstance(stream, _DeferredLog):
+        _state["log_file"] = stream.commit()
+
+
+def setup_logging(log_file: str, verbose: bool = False, create_dir: bool = True, deferred: bool = False) -> str:
     """Routes Python logging to `log_file` (appending: a resumed run continues it) and our warnings to stderr.
 
     Call after absl has parsed the flags (inside main). Calling it again moves the log to another file
@@ -135,12 +174,21 @@ def setup_logging(log_file: str, verbose: bool = False, create_dir: bool = True)
       create_dir: create `log_file`'s directory if missing; if False, a missing one (a mistyped work dir
         that the command is about to report) gets a temp-dir log instead of a new empty directory.
 
+      deferred: hold the records in memory until commit_log() (the trainer's: nothing is written to a work
+        dir before its config is accepted); a second call keeps holding if the first one did.
+
     Returns:
       The path actually written (a temp-dir file when `log_file`'s directory is not writable).
     """
     from absl import flags, logging as absl_logging
 
-    log_file, stream = _open_log(log_file, create_dir)
+    held = isinstance(_state["stream"], _DeferredLog) and _state["stream"].file is None
+    if deferred or held:
+        stream = _DeferredLog(log_file, create_dir)
+        if held:
+            stream.held = _state["stream"].held
+    else:
+        log_file, stream = _open_log(log_file, create_dir)
     handler = absl_logging.get_absl_handler()
     absl_logging.use_absl_handler()  # app.run installs it; a plain script calling this gets it too
     handler.python_handler.stream = stream
@@ -184,10 +232,12 @@ def reported_errors(expected: tuple[type[BaseException], ...] = ()) -> Iterator[
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         logging.error("interrupted", exc_info=True, extra={"console": _state["verbose"]})
+        commit_log()
         sys.stderr.write("error: interrupted (Ctrl-C).\n")
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 -- the point: no bare traceback for a user
         logging.exception("stopped by an unexpected error", extra={"console": _state["verbose"]})
+        commit_log()
         where = f"The traceback is in {log_file()}" if log_file() else "No log file was set up"
         hint = "" if _state["verbose"] else "; --verbose prints it on the terminal"
         sys.exit(f"error: {type(e).__name__}: {_paragraph(e)} ({where}{hint}.)")

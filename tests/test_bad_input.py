@@ -139,10 +139,17 @@ def test_negative_step_count():
         check_request(smoke_config(), ["a red circle"], 16, 16, 1, steps=-1)
 
 
-def test_negative_steps_on_the_command_line(tmp_path):
-    r = _cli("-m", "sora_jax.train", "--config=configs/tiny.py:smoke", f"--workdir={tmp_path}",
-             "--config.total_steps=-3")
-    assert r.returncode != 0 and "total_steps=-3 is negative" in r.stderr
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.total_steps=-3"], "error: config.total_steps=-3 is negative"),
+    (["--config.model.depth=3", "--config.total_steps=8"], "error: {workdir} holds a checkpoint (step 4) of a "),
+])
+def test_rejected_config_on_the_command_line_leaves_the_workdir_byte_identical(overrides, message, workdir):
+    """The train command's log file is held until the config is accepted: train.log is not appended to."""
+    before = _snapshot(workdir)
+    r = _cli("-c", _TRAIN_CLI_NO_COMPILE, "--config=configs/tiny.py:smoke", f"--workdir={workdir}", *overrides)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(message.format(workdir=workdir)), (
+        r.stderr[-3000:])
+    assert _snapshot(workdir) == before
 
 
 def test_size_not_divisible_by_patch():

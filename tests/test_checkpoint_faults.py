@@ -190,3 +190,62 @@ def test_only_process_zero_locks(tmp_path):
         assert os.path.exists(lock.path)
     with WorkdirLock(str(tmp_path / "other"), primary=False) as lock:
         assert not os.path.exists(lock.path)
+
+
+# --- a disk that cannot take the next checkpoint ------------------------------------------------------------
+
+def test_a_save_that_cannot_fit_is_refused_before_writing_and_the_rerun_resumes(trained_workdir, tmp_path,
+                                                                                  monkeypatch):
+    workdir = _copy(trained_workdir, tmp_path)
+    real = shutil.disk_usage
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: real(path)._replace(free=100_000))
+    with pytest.raises(checkpointing.CheckpointWriteError) as raised:
+        train_and_evaluate(smoke_config(total_steps=6, checkpoint_every_steps=1), workdir)
+    message = str(raised.value)
+    assert re.search(r"could not write checkpoint 5 to .*: it needs about [\d.]+ MiB and the disk has 0\.1 MiB free\. "
+                     r"Checkpoint 4 is intact", message), message
+    assert "config.keep_checkpoints" in message
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]  # nothing partial written
+    monkeypatch.undo()
+    assert train_and_evaluate(smoke_config(total_steps=6, checkpoint_every_steps=1), workdir)["step"] == 6
+
+
+_LIMITED_WRITES = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv.pop(1)), resource.RLIM_INFINITY))
+runpy.run_module("sora_jax.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_failed_write_names_the_step_and_cause_and_keeps_the_previous_checkpoint(trained_workdir, tmp_path):
+    """The OS refuses the checkpoint's data file mid-save (a per-file size limit stands in for a full disk,
+    which needs a mount this test cannot count on): one error paragraph, the previous step intact."""
+    workdir = _copy(trained_workdir, tmp_path)
+    cmd = ["--config=configs/tiny.py:smoke", f"--workdir={workdir}", "--config.total_steps=6",
+           "--config.checkpoint_every_steps=1", "--config.sample.num_prompts=0"]
+    r = subprocess.run([sys.executable, "-c", _LIMITED_WRITES, "200000", *cmd], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert re.match(r"error: could not write checkpoint 5 to .*File too large.*Checkpoint 4 is intact", last), (
+        r.stderr[-3000:])
+    assert "Traceback" not in r.stderr
+    assert [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()] == ["2", "4"] or sorted(
+        d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == ["2", "4"]
+    rerun = subprocess.run([sys.executable, "-m", "sora_jax.train", *cmd], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert steps[-1] == 6 and not glob.glob(os.path.join(workdir, "checkpoints", "*tmp*"))
+
+
+def test_a_full_disk_is_reported_as_such():
+    """tensorstore's message on a full disk (copied from a run on a 4 MiB tmpfs) reads as a full disk."""
+    error = ValueError("RESOURCE_EXHAUSTED: Failed writing: \"/w/checkpoints/3.orbax-checkpoint-tmp/state.orbax-"
+                       "checkpoint-tmp/d/283b\": Failed to write 9915 bytes to file 16: No space left on device "
+                       "[os_error_code='28']")
+    assert checkpointing._is_write_failure(error)
+    assert checkpointing._failed_step(error, None) == 3
+    assert checkpointing._write_cause(error) == "the disk is full (No space left on device)"
+    assert not checkpointing._is_write_failure(ValueError("a bug in the caller"))

@@ -22,7 +22,7 @@ from ml_collections import config_flags  # noqa: E402
 from data_pipelines.sources import NoReadableExamples  # noqa: E402
 from sora_jax import sharding  # noqa: E402
 from sora_jax.config_validation import ConfigError, parse_flags  # noqa: E402
-from sora_jax.train.checkpointing import CheckpointMismatchError  # noqa: E402
+from sora_jax.train.checkpointing import CheckpointMismatchError, CheckpointWriteError  # noqa: E402
 from sora_jax.train.workdir_lock import WorkdirLocked  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -32,7 +32,8 @@ console.define_verbose_flag()
 
 # Errors whose messages are written for the user: printed as they are. Anything else is one paragraph too,
 # with its traceback in the log file (console.reported_errors).
-EXPECTED_ERRORS = (ConfigError, CheckpointMismatchError, NoReadableExamples, WorkdirLocked, FloatingPointError)
+EXPECTED_ERRORS = (ConfigError, CheckpointMismatchError, CheckpointWriteError, NoReadableExamples, WorkdirLocked,
+                   FloatingPointError)
 
 
 def log_path(workdir: str, process_index: int = 0) -> str:
@@ -45,7 +46,8 @@ def main(argv):
     if FLAGS.config is None or not FLAGS.workdir:
         raise app.UsageError("--config and --workdir are required.")
     config = FLAGS.config
-    console.setup_logging(log_path(FLAGS.workdir), FLAGS.verbose)
+    # Deferred: the trainer commits the log once the config is accepted (a rejected one writes nothing).
+    console.setup_logging(log_path(FLAGS.workdir), FLAGS.verbose, deferred=True)
     with console.reported_errors(EXPECTED_ERRORS):
         sharding.maybe_initialize_distributed(config.distributed)
         if jax.process_index() > 0:

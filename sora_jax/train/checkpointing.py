@@ -11,9 +11,16 @@ never deleting it, says so in one line, and falls back to the next newest step, 
 none is left. Read-only jobs (restore_params_newest_good) skip damaged steps and move nothing. A good
 checkpoint of a differently shaped model is never taken for a damaged one: it stays a
 CheckpointMismatchError.
+
+A save that cannot be written (disk full, quota, permissions) is a CheckpointWriteError naming the step,
+the cause, the newest complete step (intact: orbax writes into a tmp dir and renames it when complete)
+and the fix. Before each save the free space is compared with the bytes this process will write, so a
+disk that is clearly too full is reported before anything is written.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import json
 import logging
@@ -37,6 +44,10 @@ BAD_DIR = "checkpoints_bad"
 
 class CheckpointMismatchError(ValueError):
     """The work dir holds a checkpoint of a differently shaped model."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the newest complete one is intact."""
 
 
 class CorruptCheckpointError(ValueError):
@@ -87,6 +98,36 @@ def _is_damage(error: Exception) -> bool:
 def _why(error: Exception) -> str:
     """A CorruptCheckpointError's own message (it already names what broke), else the root cause."""
     return str(error) if isinstance(error, CorruptCheckpointError) else _reason(error)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _is_write_failure(error: BaseException) -> bool:
+    """Whether a save failed for want of space or permission (an OS error), not a bug in the caller."""
+    e: BaseException | None = error
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS):
+            return True
+        e = e.__cause__ or e.__context__
+    text = _reason(error)
+    return any(k in text for k in ("No space left", "os_error_code", "Disk quota", "File too large",
+                                   "Permission denied", "Read-only file system"))
+
+
+def _write_cause(error: BaseException) -> str:
+    text = _reason(error)
+    if "No space left" in text or "os_error_code='28'" in text:
+        return "the disk is full (No space left on device)"
+    return text
+
+
+def _failed_step(error: BaseException, default: int | None) -> int | None:
+    """The step whose tmp dir the error names (an async save fails while the next one starts)."""
+    found = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(error)) or re.search(
+        r"/(\d+)\.orbax-checkpoint-tmp", _reason(error))
+    return int(found.group(1)) if found else default
 
 
 def _load_json(path: str) -> Any:
@@ -194,7 +235,33 @@ class Checkpointer:
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
             items["data_layout"] = ocp.args.JsonSave({"start": int(data_start), "process_count": jax.process_count()})
-        self.manager.save(step, args=ocp.args.Composite(**items))
+        try:
+            self._check_space(step, state)
+            self.manager.save(step, args=ocp.args.Composite(**items))  # also raises the previous save's error
+        except CheckpointWriteError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise bare Exception/ValueError
+            if not _is_write_failure(e):
+                raise
+            raise self._write_error(_failed_step(e, step), _write_cause(e)) from e
+
+    def _check_space(self, step: int, state: Any) -> None:
+        """Refuses a save that cannot fit: this process's shards against the free space (all hosts agree)."""
+        need = sum(s.data.nbytes for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array)
+                   for s in leaf.addressable_shards if s.replica_id == 0)
+        free = shutil.disk_usage(self.directory).free
+        if not _all_agree(free >= need):
+            raise self._write_error(step, f"it needs about {_mib(need)} and the disk has {_mib(free)} free")
+
+    def _write_error(self, step: int, cause: str) -> CheckpointWriteError:
+        done = sorted(int(d) for d in os.listdir(self.directory) if d.isdigit() and int(d) != step)
+        intact = (f"Checkpoint {done[-1]} is intact; the next run resumes from it and removes the partial save."
+                  if done else "No earlier checkpoint exists.")
+        free = _mib(shutil.disk_usage(self.directory).free)
+        return CheckpointWriteError(
+            f"could not write checkpoint {step} to {self.directory}: {cause}. {intact} Free space on that disk "
+            f"({free} free now), keep fewer checkpoints (config.keep_checkpoints), or use a --workdir on a larger "
+            f"disk; then run the same command again.")
 
     def data_states(self, step: int) -> tuple[int, list[dict], int] | None:
         """(process count, per-process iterator states, stream start) saved at `step`; None without data.
@@ -373,10 +440,22 @@ class Checkpointer:
         return None, None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until the pending save is complete; a failed write is a CheckpointWriteError."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            if not _is_write_failure(e):
+                raise
+            raise self._write_error(_failed_step(e, self.manager.latest_step()), _write_cause(e)) from e
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the pending save (its failure is raised once) and releases orbax's threads."""
+        try:
+            self.wait()
+        except CheckpointWriteError:
+            with contextlib.suppress(Exception):
+                self.manager.close()
+            raise
         self.manager.close()
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from sora_jax import sharding
+from sora_jax import console, sharding
 from sora_jax.config_validation import ConfigError, validate, validate_for_mesh
 from sora_jax.tasks import build_task
 from sora_jax.train import checkpointing
@@ -92,6 +92,7 @@ def _train_locked(config, task, workdir: str) -> dict:
             raise ConfigError(str(e)) from None
         # Damaged newer steps are moved aside (checkpoints_bad/); another model's checkpoint still raises.
         latest = ckpt.newest_good_step(spec.abstract, workdir)
+        console.commit_log()  # the config is accepted: the log file (if deferred) may now be written
         if latest is not None:
             if latest >= config.total_steps:
                 ckpt.close()
