@@ -104,6 +104,11 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+def _error_text(error: BaseException) -> str:
+    """The error's message and its root cause's: orbax re-raises tensorstore's error with the OS cause inside."""
+    return f"{error} {_reason(error)}"
+
+
 def _is_write_failure(error: BaseException) -> bool:
     """Whether a save failed for want of space or permission (an OS error), not a bug in the caller."""
     e: BaseException | None = error
@@ -111,22 +116,23 @@ def _is_write_failure(error: BaseException) -> bool:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS):
             return True
         e = e.__cause__ or e.__context__
-    text = _reason(error)
-    return any(k in text for k in ("No space left", "os_error_code", "Disk quota", "File too large",
-                                   "Permission denied", "Read-only file system"))
+    return any(k in _error_text(error) for k in ("os_error_code", "No space left", "Disk quota", "File too large",
+                                                 "Permission denied", "Read-only file system"))
 
 
 def _write_cause(error: BaseException) -> str:
-    text = _reason(error)
-    if "No space left" in text or "os_error_code='28'" in text:
+    """The OS's reason in a few words (tensorstore's "...: No space left on device [os_error_code='28']")."""
+    text = _error_text(error)
+    found = re.search(r": ([A-Za-z][^:\[\]\"]*?) \[os_error_code='(\d+)'\]", text)
+    code, reason = (int(found.group(2)), found.group(1)) if found else (None, _reason(error))
+    if code == errno.ENOSPC or "No space left" in text:
         return "the disk is full (No space left on device)"
-    return text
+    return f"the operating system refused the write: {reason}" + (f" (errno {code})" if code else "")
 
 
 def _failed_step(error: BaseException, default: int | None) -> int | None:
     """The step whose tmp dir the error names (an async save fails while the next one starts)."""
-    found = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(error)) or re.search(
-        r"/(\d+)\.orbax-checkpoint-tmp", _reason(error))
+    found = re.search(r"/(\d+)\.orbax-checkpoint-tmp", _error_text(error))
     return int(found.group(1)) if found else default
 
 
