@@ -6,6 +6,7 @@ same registry and may instead be run offline, feeding cached embeddings.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from typing import Protocol, Sequence
@@ -17,6 +18,7 @@ from flax import nnx
 
 from sora_jax.layers.attention import Attention
 from sora_jax.layers.common import MLP, norm
+from sora_jax.models.t5 import T5Encoder, T5EncoderConfig
 
 PAD, UNK, BOS = 0, 1, 2
 _SPECIALS = ("<pad>", "<unk>", "<bos>")
@@ -108,7 +110,27 @@ class TinyTextEncoder(nnx.Module):
         return self.final_norm(x)
 
 
-TEXT_ENCODERS = {"tiny": TinyTextEncoder}
+def _tiny(text_cfg, vocab_size: int, *, rngs: nnx.Rngs, backend: str, block: int, dtype) -> nnx.Module:
+    return TinyTextEncoder(vocab_size, text_cfg.width, text_cfg.depth, text_cfg.heads, text_cfg.max_len, rngs=rngs,
+                           backend=backend, block=block, dtype=dtype)
+
+
+def _t5(text_cfg, vocab_size: int, *, rngs: nnx.Rngs, backend: str, block: int, dtype,
+        per_layer_bias: bool = False) -> nnx.Module:
+    """A randomly initialised T5 v1.1 (umT5: per_layer_bias) encoder shaped by config.text: width = d_model,
+    depth, heads, and optionally d_kv, d_ff, num_buckets, max_distance. Pretrained weights come from
+    sora_jax.convert.load_hf_text_encoder (a model may not import the converters)."""
+    del backend, block  # the relative-position bias needs the explicit-bias attention; see models/t5.py
+    cfg = T5EncoderConfig(
+        vocab_size=vocab_size, d_model=text_cfg.width, d_kv=text_cfg.get("d_kv", text_cfg.width // text_cfg.heads),
+        num_heads=text_cfg.heads, d_ff=text_cfg.get("d_ff", 4 * text_cfg.width), num_layers=text_cfg.depth,
+        num_buckets=text_cfg.get("num_buckets", 32), max_distance=text_cfg.get("max_distance", 128),
+        per_layer_bias=per_layer_bias)
+    return T5Encoder(cfg, rngs=rngs, dtype=dtype)
+
+
+# Builders: fn(config.text, vocab_size, *, rngs, backend, block, dtype) -> encoder with `out_dim`.
+TEXT_ENCODERS = {"tiny": _tiny, "t5": _t5, "umt5": functools.partial(_t5, per_layer_bias=True)}
 
 
 def build_text_encoder(text_cfg, vocab_size: int, *, rngs: nnx.Rngs, backend: str, block: int = 128,
@@ -116,6 +138,4 @@ def build_text_encoder(text_cfg, vocab_size: int, *, rngs: nnx.Rngs, backend: st
     """The encoder named by config.text.encoder, computing in `dtype` with attention `backend`."""
     if text_cfg.encoder not in TEXT_ENCODERS:
         raise ValueError(f"config.text.encoder={text_cfg.encoder!r}; choose one of {sorted(TEXT_ENCODERS)}.")
-    return TEXT_ENCODERS[text_cfg.encoder](
-        vocab_size, text_cfg.width, text_cfg.depth, text_cfg.heads, text_cfg.max_len, rngs=rngs, backend=backend,
-        block=block, dtype=dtype)
+    return TEXT_ENCODERS[text_cfg.encoder](text_cfg, vocab_size, rngs=rngs, backend=backend, block=block, dtype=dtype)

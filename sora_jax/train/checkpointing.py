@@ -159,8 +159,12 @@ def _is_abandoned_read_noise(unraisable) -> bool:
     if (isinstance(getattr(error, "__cause__", None), GeneratorExit)
             and getattr(unraisable.object, "__name__", "") == "_read_array_index_and_device_put"):
         return True
-    # TensorStore then completes the abandoned reads' futures on orbax's event loop, closed by then.
-    frames = [f.name for f in traceback.extract_tb(unraisable.exc_traceback)] if unraisable.exc_traceback else []
+    return _is_closed_loop_noise(error, unraisable.exc_traceback)
+
+
+def _is_closed_loop_noise(error: BaseException | None, tb) -> bool:
+    """TensorStore completing the futures of abandoned reads or writes on orbax's event loop, closed by then."""
+    frames = [f.name for f in traceback.extract_tb(tb)] if tb else []
     return isinstance(error, RuntimeError) and str(error) == "Event loop is closed" and "call_soon_threadsafe" in frames
 
 
@@ -170,18 +174,22 @@ def _quiet_abandoned_reads() -> None:
     When one array read fails, orbax abandons the others, and each turns the GeneratorExit that closes it
     into an Exception that Python prints as a page ("Exception ignored in <coroutine
     _read_array_index_and_device_put>", TensorStore spec included); TensorStore may then complete their
-    futures on a closed event loop. Only those are dropped; every other unraisable exception still reaches
-    the previous hook.
+    futures on a closed event loop; a failed write (full disk) does the same, printed through sys.excepthook.
+    Only those are dropped; every other exception still reaches the previous hooks.
     """
-    previous = sys.unraisablehook
+    previous, previous_excepthook = sys.unraisablehook, sys.excepthook
     if getattr(previous, "quiets_abandoned_reads", False):
         return
 
     def hook(unraisable):
         if not _is_abandoned_read_noise(unraisable):
             previous(unraisable)
+
+    def excepthook(kind, value, tb):
+        if not _is_closed_loop_noise(value, tb):
+            previous_excepthook(kind, value, tb)
     hook.quiets_abandoned_reads = True
-    sys.unraisablehook = hook
+    sys.unraisablehook, sys.excepthook = hook, excepthook
 
 
 def _report(line: str) -> None:
@@ -218,6 +226,8 @@ class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
         self.workdir, self.read_only = workdir, read_only
         self.moved_aside: list[str] = []  # where this object moved damaged steps, oldest first
+        self.in_flight: int | None = None  # the step of the newest save started
+        _quiet_abandoned_reads()  # a failed read or write must end as one line, not pages of asyncio noise
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         # The trainer (the one writer; see workdir_lock) removes the tmp dirs of saves a killed run left.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
@@ -249,7 +259,10 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise bare Exception/ValueError
             if not _is_write_failure(e):
                 raise
-            raise self._write_error(_failed_step(e, step), _write_cause(e)) from e
+            previous = self.in_flight  # the async part of the previous save fails while this one starts
+            unfinished = previous is not None and not os.path.isdir(os.path.join(self.directory, str(previous)))
+            raise self._write_error(_failed_step(e, previous if unfinished else step), _write_cause(e)) from e
+        self.in_flight = step
 
     def _check_space(self, step: int, state: Any) -> None:
         """Refuses a save that cannot fit: this process's shards against the free space (all hosts agree)."""
@@ -452,7 +465,7 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             if not _is_write_failure(e):
                 raise
-            raise self._write_error(_failed_step(e, self.manager.latest_step()), _write_cause(e)) from e
+            raise self._write_error(_failed_step(e, self.in_flight), _write_cause(e)) from e
 
     def close(self) -> None:
         """Waits for the pending save (its failure is raised once) and releases orbax's threads."""
