@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_two_processes(workdir: str, total_steps: int) -> None:
+def _start_two_processes(workdir: str, total_steps: int, *extra: str) -> list[subprocess.Popen]:
     port = _free_port()
     procs = []
     for pid in range(2):
@@ -46,12 +47,22 @@ def _launch_two_processes(workdir: str, total_steps: int) -> None:
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "sora_jax.train", "--config=configs/tiny.py:smoke", f"--workdir={workdir}",
              f"--config.total_steps={total_steps}", "--config.distributed=True",
-             *(f"--config.{k}={v}" for k, v in OVERRIDES.items())],
+             *(f"--config.{k}={v}" for k, v in OVERRIDES.items()), *extra],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen], head: tuple[str, ...] = ("", "")) -> list[str]:
+    """Each process's whole output (`head`: what the test already read of it); fails on a non-zero exit."""
+    outs = [first + p.communicate(timeout=300)[0] for p, first in zip(procs, head)]
     for p, out in zip(procs, outs):
         kept = [line for line in out.splitlines() if not line.startswith(("I1", "W1"))]
         assert p.returncode == 0, "\n".join(kept)[-6000:]
+    return outs
+
+
+def _launch_two_processes(workdir: str, total_steps: int, *extra: str) -> list[str]:
+    return _finish(_start_two_processes(workdir, total_steps, *extra))
 
 
 def _hashes(directory: str) -> dict:
@@ -134,3 +145,28 @@ def test_two_processes_train_resume_and_match_one_process(tmp_path, monkeypatch,
     frontier = min(p + 2 * s["parent"]["next_index"] for p, s in enumerate(states))
     assert layout == {"start": frontier, "process_count": 1}
 
+
+
+def test_ctrl_c_on_one_host_stops_both_at_the_same_step_and_the_rerun_resumes(tmp_path):
+    """Only host 1 is interrupted. Its Ctrl-C is passed to JAX's preemption notifier as a SIGTERM (what a
+    scheduler sends), the coordination service tells host 0, and both save the same step at the sync point and
+    exit 0 -- rather than host 1 leaving alone and host 0 waiting for it forever."""
+    workdir = str(tmp_path / "mp")
+    procs = _start_two_processes(workdir, 10_000, "--config.checkpoint_every_steps=100000",
+                                 "--config.log_every_steps=1", "--alsologtostderr")
+    read = []
+    for line in procs[1].stdout:  # a logged step: training is under way on both hosts
+        read.append(line)
+        if "] grad_norm=" in line:
+            procs[1].send_signal(signal.SIGINT)
+            break
+    outs = _finish(procs, ("", "".join(read)))
+    saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert len(saved) == 1 and 0 < saved[0] < 10_000, saved
+    assert f"Stopped at step {saved[0]} (preemption)" in outs[0]
+    assert len(_iterator_states(workdir, saved[0])) == 2  # both hosts wrote their part of that step
+
+    _launch_two_processes(workdir, saved[0] + 2)
+    for path, text in _logs(workdir).items():
+        assert f"Resumed from step {saved[0]}." in text, path
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", str(saved[0] + 2)))

@@ -12,6 +12,7 @@ before it have been judged.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -24,7 +25,8 @@ class PreemptionWatch:
     """Context manager: SIGTERM and SIGINT set a flag instead of killing the process.
 
     A second SIGINT (Ctrl-C twice) gets Python's default behaviour back, so an impatient user can still
-    interrupt at once. On several hosts SIGTERM is left to JAX's own preemption notifier.
+    interrupt at once. On several hosts SIGTERM is left to JAX's own preemption notifier, and a SIGINT is
+    passed on to it as a SIGTERM.
     """
 
     def __init__(self):
@@ -41,6 +43,10 @@ class PreemptionWatch:
               "(Ctrl-C again to abort without saving).", flush=True)
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            if jax.process_count() > 1:
+                # Only this host saw Ctrl-C: hand it to JAX's preemption notifier as a SIGTERM, so every host
+                # learns of it through the coordination service and all save the same step.
+                os.kill(os.getpid(), signal.SIGTERM)
 
     def __enter__(self) -> "PreemptionWatch":
         if threading.current_thread() is not threading.main_thread():
@@ -57,9 +63,9 @@ class PreemptionWatch:
 
     def should_stop(self, step: int) -> bool:
         """True when this step is where every host saves and stops."""
-        if jax.process_count() > 1:
+        if jax.process_count() > 1:  # one host's signal alone must not stop it: the others would wait forever
             from jax.experimental import multihost_utils
-            return multihost_utils.reached_preemption_sync_point(step) or self.signal_name is not None
+            return multihost_utils.reached_preemption_sync_point(step)
         return self.signal_name is not None
 
 
