@@ -9,7 +9,7 @@ from sora_jax.layers.attention import BACKEND_CHOICES
 from sora_jax.layers.common import DTYPES
 from sora_jax.layers.rope import split_pairs
 from sora_jax.models.autoencoder import AUTOENCODERS, build_autoencoder
-from sora_jax.models.dit import REMAT_POLICIES
+from sora_jax.models.dit import REMAT_POLICIES, model_options
 
 
 class ConfigError(ValueError):
@@ -107,6 +107,10 @@ def validate_dit(config) -> None:
     for field in ("dtype", "param_dtype"):
         _require(m[field] in DTYPES, f"config.model.{field}={m[field]!r}; choose one of {sorted(DTYPES)}.")
     _require(m.remat in REMAT_POLICIES, f"config.model.remat={m.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
+    try:
+        model_options(m)  # qk_norm, ffn_dim, text_proj, ... (sora_jax.models.dit.MODEL_OPTIONS)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _require(len(m.patch) == 3 and min(m.patch) > 0, f"config.model.patch={m.patch} must be 3 positive ints (t, h, w).")
     _require(config.autoencoder.name in AUTOENCODERS,
              f"config.autoencoder.name={config.autoencoder.name!r}; choose one of {sorted(AUTOENCODERS)}.")

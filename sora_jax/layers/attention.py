@@ -117,40 +117,76 @@ def shard_attention(fn: Callable, q, k, v, q_segments, kv_segments):
                          out_specs=q_spec, check_vma=False)(q, k, v, q_segments, kv_segments)
 
 
+# Where the query/key RMS-norm's statistics (and its learned scale) live: "per_head" normalises each
+# head's head_dim features (scale [head_dim], shared by the heads); "across_heads" normalises the whole
+# projection before it is split into heads (scale [dim]), as Wan 2.1's rms_norm_across_heads does.
+QK_NORMS = ("per_head", "across_heads", "none")
+
+
 class Attention(nnx.Module):
     """Multi-head attention with QK-RMSNorm; self-attention (with RoPE) or cross-attention.
 
     Everything that reaches the attention kernel is in the compute `dtype` (QK-norm and RoPE included),
-    so a bfloat16 model never hands a float32 operand to a bfloat16 kernel.
+    so a bfloat16 model never hands a float32 operand to a bfloat16 kernel. `qk_norm` is one of QK_NORMS
+    (True means "per_head", False "none"). With `image_kv` a cross-attention also reads image tokens
+    through keys and values of their own, attended separately by the same queries and summed before the
+    output projection (Wan 2.1 image-to-video): two softmaxes, so the caption's share is not diluted by
+    the number of image tokens.
     """
 
     def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, kv_dim: int | None = None,
-                 backend: str = "xla", block: int = 128, qk_norm: bool = True, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
+                 backend: str = "xla", block: int = 128, qk_norm: bool | str = True, eps: float = 1e-6,
+                 image_kv: bool = False, dtype=jnp.float32, param_dtype=jnp.float32):
         if dim % heads:
             raise ValueError(f"hidden size {dim} is not divisible by {heads} heads.")
+        qk_norm = {True: "per_head", False: "none"}.get(qk_norm, qk_norm)
+        if qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm={qk_norm!r}; choose one of {QK_NORMS}.")
         kv_dim = kv_dim or dim
         self.heads, self.head_dim, self.backend, self.block, self.dtype = heads, dim // heads, backend, block, dtype
+        self.qk_norm = qk_norm
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q = dense(dim, dim, ("embed", "heads"), **kw)
         self.k = dense(kv_dim, dim, ("embed", "heads"), **kw)
         self.v = dense(kv_dim, dim, ("embed", "heads"), **kw)
         self.out = dense(dim, dim, ("heads", "embed"), **kw)
-        self.q_norm = norm(self.head_dim, kind="rms", axis="kv", **kw) if qk_norm else None
-        self.k_norm = norm(self.head_dim, kind="rms", axis="kv", **kw) if qk_norm else None
+        size, axis = (self.head_dim, "kv") if qk_norm == "per_head" else (dim, "heads")
+        make_norm = functools.partial(norm, size, kind="rms", axis=axis, eps=eps, **kw)
+        self.q_norm, self.k_norm = nnx.data(None), nnx.data(None)
+        if qk_norm != "none":
+            self.q_norm, self.k_norm = make_norm(), make_norm()
+        self.k_image, self.v_image, self.k_image_norm = nnx.data(None), nnx.data(None), nnx.data(None)
+        if image_kv:
+            self.k_image = dense(kv_dim, dim, ("embed", "heads"), **kw)
+            self.v_image = dense(kv_dim, dim, ("embed", "heads"), **kw)
+            if qk_norm != "none":
+                self.k_image_norm = make_norm()
 
-    def __call__(self, x, segments, context=None, context_segments=None, rope=None):
-        """x [B, L, dim] with segments [B, L]; cross-attention when `context` [B, Lc, kv_dim] is given."""
-        kv_in, kv_segments = (x, segments) if context is None else (context, context_segments)
-        b, lq, _ = x.shape
-        q = self.q(x).reshape(b, lq, self.heads, self.head_dim)
-        k = self.k(kv_in).reshape(b, kv_in.shape[1], self.heads, self.head_dim)
-        v = self.v(kv_in).reshape(b, kv_in.shape[1], self.heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+    def _split_heads(self, x, norm_layer=None):
+        """[B, L, dim] -> [B, L, heads, head_dim], RMS-normed by `norm_layer` where qk_norm says."""
+        if norm_layer is not None and self.qk_norm == "across_heads":
+            x = norm_layer(x)
+        x = x.reshape(*x.shape[:2], self.heads, self.head_dim)
+        if norm_layer is not None and self.qk_norm == "per_head":
+            x = norm_layer(x)
+        return x
+
+    def _attend(self, q, k, v, segments, kv_segments):
         q, k, v = (a.astype(self.dtype) for a in (q, k, v))
         q = sharding.constrain(q, ("batch", "length", "act_heads", None))
-        out = attend(q, k, v, segments, kv_segments, self.backend, self.block)
-        return self.out(out.reshape(b, lq, -1))
+        return attend(q, k, v, segments, kv_segments, self.backend, self.block)
+
+    def __call__(self, x, segments, context=None, context_segments=None, rope=None, image=None,
+                 image_segments=None):
+        """x [B, L, dim] with segments [B, L]; cross-attention when `context` [B, Lc, kv_dim] is given, and
+        also to `image` [B, Li, kv_dim] (segments `image_segments`) in a model built with image_kv."""
+        kv_in, kv_segments = (x, segments) if context is None else (context, context_segments)
+        q = self._split_heads(self.q(x), self.q_norm)
+        k, v = self._split_heads(self.k(kv_in), self.k_norm), self._split_heads(self.v(kv_in))
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = self._attend(q, k, v, segments, kv_segments)
+        if self.k_image is not None:
+            k_image = self._split_heads(self.k_image(image), self.k_image_norm)
+            out = out + self._attend(q, k_image, self._split_heads(self.v_image(image)), segments, image_segments)
+        return self.out(out.reshape(*x.shape[:2], -1))

@@ -50,7 +50,11 @@ class MLP(nnx.Module):
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
-    """Sinusoidal embedding of (continuous) timesteps, [..., dim]; t is scaled to [0, 1000]."""
+    """Sinusoidal embedding of (continuous) timesteps, [..., dim]; t is scaled to [0, 1000].
+
+    Cosines first, then sines, with frequencies max_period^(-k / (dim / 2)): diffusers' `Timesteps` with
+    flip_sin_to_cos=True and downscale_freq_shift=0 (Wan 2.1's) applied to 1000 t.
+    """
     half = dim // 2
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
     args = (t.astype(jnp.float32) * 1000.0)[..., None] * freqs

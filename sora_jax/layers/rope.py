@@ -1,8 +1,12 @@
 """3D rotary position embedding from per-token (t, h, w) positions.
 
 The head dimension's rotation pairs are split between the three axes (time gets the remainder), as in
-Wan 2.1 and HunyuanVideo. Positions come from each token's own sample, so packed samples all start at
-(0, 0, 0) and a model trained on small videos sees familiar relative offsets at any size.
+Wan 2.1 and HunyuanVideo. For a head dimension d this is exactly diffusers' WanRotaryPosEmbed: height and
+width get d // 6 pairs (2 * (d // 6) channels) each, time the other d - 4 * (d // 6) channels; each axis'
+frequencies are theta^(-2k / channels), and adjacent channels (2k, 2k + 1) rotate together, the axes
+concatenated in (t, h, w) order. So a Wan checkpoint needs no option here (tests/test_wan_parity.py).
+Positions come from each token's own sample, so packed samples all start at (0, 0, 0) and a model
+trained on small videos sees familiar relative offsets at any size.
 """
 from __future__ import annotations
 

@@ -1,0 +1,65 @@
+"""Wan 2.1 transformers (text-to-video 1.3B and 14B, image-to-video 14B) as configurations of our DiT.
+
+The options of sora_jax/models/dit.py that make our DiT compute exactly what diffusers'
+WanTransformer3DModel computes (across-head QK-norm, Wan's caption MLP over precomputed umT5-XXL features,
+the table-modulated output norm, the FFN width) come from the same function the weight converter uses,
+sora_jax.convert.diffusers_wan.dit_config_from_diffusers, applied to the released config.json values
+below; tests/test_wan_parity.py holds the result to diffusers' outputs within 1e-4.
+
+  arg      hidden  depth  heads  ffn     parameters
+  1.3B     1536    30     12     8960    1.42B
+  14B      5120    40     40     13824   14.3B
+  i2v-14B  5120    40     40     13824   16.4B: + CLIP image tokens (1280 wide) and 20 conditioning channels
+  tiny     32      2      2      64      random weights, for CPU tests
+
+Load released weights (a local copy of Wan-AI/Wan2.1-T2V-1.3B-Diffusers; safetensors only, never pickle)
+and run one denoising step on dense latents [B, T, H, W, 16] with umT5 features [B, 512, 4096]:
+  from sora_jax.convert.diffusers_wan import apply_dense, load_diffusers_transformer
+  model = load_diffusers_transformer("Wan2.1-T2V-1.3B-Diffusers/transformer")
+  velocity = apply_dense(model, latents, timesteps_0_to_1000, text_features)
+Our t in [0, 1] is Wan's timestep / 1000 (both: x_t = (1 - t) x_0 + t noise, velocity noise - x_0).
+
+Image-to-video (Wan2.1-I2V-14B-480P/720P-Diffusers) also takes apply_dense(..., image=clip_features
+[B, 257, 1280], condition=[B, T, H, W, 20]): the mask and first-frame latents the diffusers pipeline
+concatenates after the noisy latents.
+
+Not wired yet: training and sampling from this config need caption features in the batch
+(config.text.encoder = "precomputed"), and image-to-video its conditioning, which no data source or
+sampler produces today.
+"""
+from configs.common import base_config
+from sora_jax.convert.diffusers_wan import dit_config_from_diffusers
+
+# The released diffusers config.json values that differ from WanTransformer3DModel's defaults.
+_COMMON = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+               freq_dim=256, eps=1e-6, qk_norm="rms_norm_across_heads", cross_attn_norm=True)
+SIZES = {
+    "1.3B": dict(_COMMON, num_attention_heads=12, ffn_dim=8960, num_layers=30),
+    "14B": dict(_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+    "i2v-14B": dict(_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36, image_dim=1280,
+                    added_kv_proj_dim=5120),
+    "tiny": dict(_COMMON, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=2, text_dim=32),
+}
+
+
+def get_config(arg: str | None = None):
+    """arg: "1.3B" (the default), "14B", "i2v-14B" or "tiny"."""
+    arg = arg or "1.3B"
+    if arg not in SIZES:
+        raise ValueError(f"configs/wan21.py: unknown size {arg!r}; use one of {sorted(SIZES)}.")
+    c = base_config()
+    big = arg != "tiny"
+    wan = dit_config_from_diffusers(SIZES[arg], dtype="bfloat16" if big else "float32")
+    c.model.update(wan.model)
+    c.model.update(attention_block=512 if big else 128, remat="full" if big else "none", scan_layers=big)
+    c.text.update(wan.text)
+    c.autoencoder.update(name="latent", checkpoint="", channels=wan.channels, stride=(4, 8, 8))
+    # Wan's native 480p: 81 frames of 480 x 832 are 21 x 30 x 52 = 32,760 tokens.
+    c.data.update(source="latents", sides=(256, 384, 480), frames=(1, 17, 33, 81), seq_len=32768,
+                  text_len=512, max_samples_per_row=16, global_batch_rows=1)
+    c.sample.update(steps=50, guidance=5.0, width=832, height=480, frames=81, fps=16)
+    if not big:
+        c.data.update(source="procedural", sides=(16, 32), frames=(1, 5), seq_len=128, text_len=512,
+                      max_samples_per_row=8, global_batch_rows=8)
+        c.sample.update(steps=2, width=32, height=32, frames=5)
+    return c
