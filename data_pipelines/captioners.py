@@ -17,6 +17,8 @@ from typing import Protocol, Sequence, runtime_checkable
 import numpy as np
 from absl import logging
 
+from sora_jax.safetensors_io import PICKLE_SUFFIXES
+
 
 @runtime_checkable
 class Captioner(Protocol):
@@ -52,7 +54,7 @@ def check_model_dir(path: str) -> None:
         raise CaptionerError(f"--captioner={path!r} has no config.json; it is not a Hugging Face model "
                              "directory (point at the folder that holds config.json).")
     if not any(n.endswith(".safetensors") for n in names):
-        pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
         hint = (f" It holds pickle weights ({', '.join(sorted(pickles))}), which are refused because loading "
                 "them can run code; convert them to safetensors first." if pickles else "")
         raise CaptionerError(f"--captioner={path!r} has no *.safetensors weights.{hint}")

@@ -139,7 +139,7 @@ def test_perceptual_distance_loads_local_safetensors_and_matches_torch(tmp_path)
     np.testing.assert_allclose(ours, _torch_lpips(tensors, x, y), rtol=1e-4, atol=1e-6)
     assert float(perceptual_distance(weights, jnp.asarray(x), jnp.asarray(x)).max()) < 1e-8
     # Bad files: pickle refused, missing file, missing tensor, corrupt bytes.
-    with pytest.raises(ValueError, match="pickle checkpoint"):
+    with pytest.raises(ValueError, match="pickle-format file"):
         load_perceptual_weights(str(tmp_path / "vgg.pth"))
     with pytest.raises(ValueError, match="does not exist"):
         load_perceptual_weights(str(tmp_path / "missing.safetensors"))

@@ -15,8 +15,7 @@ import numpy as np
 from flax import nnx
 
 from sora_jax.models.vae import CausalVAE, VAEConfig
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+from sora_jax.safetensors_io import PICKLE_SUFFIXES
 
 
 def vae_config_from_diffusers(raw: dict) -> VAEConfig:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sora_jax.convert.diffusers_vae import PICKLE_SUFFIXES
+from sora_jax.safetensors_io import PICKLE_SUFFIXES
 from sora_jax.models.t5 import T5Encoder, T5EncoderConfig
 
 SUPPORTED_MODEL_TYPES = ("t5", "umt5")

@@ -20,16 +20,14 @@ normalised with the ImageNet mean and standard deviation, as torchvision's VGG16
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 # The convolution stack itself is perceptual.py's: one VGG16 implementation in the code base.
 from sora_jax.losses.perceptual import VGG16_STAGES, _features as vgg16_stages
+from sora_jax.safetensors_io import read_safetensors
 
-_PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".pkl", ".pickle", ".ckpt", ".npy", ".npz")
 _IMAGENET_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
 _IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
 
@@ -41,21 +39,10 @@ def load_feature_weights(path: str, field: str = "config.eval.feature_weights") 
       ValueError: naming `field` for an empty path, a pickle file, a missing or unreadable file, or a
         missing tensor.
     """
-    if not path:
-        raise ValueError(f"{field} is empty: the fid/fvd evaluators need a local safetensors file of VGG16 "
-                         "weights (torchvision names features.{i}.weight/bias; see sora_jax/evaluation/features.py). "
-                         f"Set --{field}=/path/vgg16.safetensors or drop fid/fvd from config.eval.evaluators.")
-    if path.endswith(_PICKLE_SUFFIXES):
-        raise ValueError(f"{field}={path!r} is a pickle-format file, which sora_jax never loads (unpickling can "
-                         "run code). Convert it once to safetensors (torch.load + safetensors.torch.save_file).")
-    if not os.path.isfile(path):
-        raise ValueError(f"{field}={path!r} does not exist; pass a local safetensors file.")
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{field}={path!r} is not a readable safetensors file ({e}).") from None
+    tensors = read_safetensors(
+        path, field, "the fid/fvd evaluators need a local safetensors file of VGG16 weights (torchvision names "
+        "features.{i}.weight/bias; see sora_jax/evaluation/features.py). Set it, or drop fid/fvd from "
+        "config.eval.evaluators")
     convs = []
     for stage in VGG16_STAGES:
         layers = []

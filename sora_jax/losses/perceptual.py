@@ -15,11 +15,11 @@ per channel, averaged over space and summed over stages.
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sora_jax.safetensors_io import read_safetensors
 
 # torchvision VGG16 `features` indices of the convolutions, grouped by stage (a max-pool follows each
 # stage but the last; LPIPS taps the ReLU after each stage's last convolution).
@@ -34,20 +34,9 @@ def load_perceptual_weights(path: str) -> dict:
     Raises:
       ValueError: for an empty path, a pickle file, a missing file or a missing tensor, naming the fix.
     """
-    if not path:
-        raise ValueError("config.loss.perceptual > 0 needs config.loss.perceptual_weights: a local safetensors "
-                         "file of VGG16 + LPIPS weights (see sora_jax/losses/perceptual.py); nothing is downloaded.")
-    if path.endswith((".pth", ".pt", ".bin", ".pkl", ".ckpt")):
-        raise ValueError(f"{path} is a pickle checkpoint, which sora_jax never loads (it can run code). Convert it "
-                         "once to safetensors (torch.load + safetensors.torch.save_file) and pass that file.")
-    if not os.path.isfile(path):
-        raise ValueError(f"config.loss.perceptual_weights={path!r} does not exist; pass a local safetensors file.")
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e}).") from None
+    tensors = read_safetensors(path, "config.loss.perceptual_weights",
+                               "config.loss.perceptual > 0 needs a local safetensors file of VGG16 + LPIPS weights "
+                               "(see sora_jax/losses/perceptual.py)")
 
     def get(name):
         if name not in tensors:
