@@ -72,7 +72,7 @@ def test_vae_config_errors_before_compile():
         ({"data.clip_frames": 6}, "clip_frames=6 must be 1 \\+ 4k"),
         ({"data.clip_width": 20}, "multiples of the VAE's spatial stride 8"),
         ({"data.sides": (16, 12)}, "must all be >= the crop size"),
-        ({"loss.perceptual": 1.0}, "needs config.loss.perceptual_weights"),
+        ({"loss.perceptual": 1.0}, "config.loss.perceptual_weights is empty: config.loss.perceptual > 0 needs"),
         ({"vae.temporal_downsample": (True,)}, "temporal_downsample has 1 entries"),
         ({"loss.l1": 0.0, "loss.l2": 0.0}, "both 0"),
     ]
