@@ -1,7 +1,8 @@
 """The demo model learns what its captions say, not just the pixels' statistics (about 2 minutes on CPU).
 
 The default tiny model, trained briefly on the procedural world: its validation loss with the true
-captions (at high noise) must be below the loss with each sample's caption swapped for another sample's, and its
+captions (at high noise) must be below the loss with each sample's caption swapped for another sample's, in every
+validation batch, and its
 samples of held-out prompts must show the prompted color well above chance (1/7).
 """
 import numpy as np
@@ -21,7 +22,8 @@ def _swap_captions(monkeypatch):
     monkeypatch.setattr(procedural.ProceduralWorld, "__getitem__", swapped)
 
 
-def _val_loss(config, workdir, batches) -> float:
+def _val_loss(config, workdir, batches) -> np.ndarray:
+    """The EMA model's validation loss at high noise, per batch."""
     from sora_jax import sharding
     from sora_jax.tasks import build_task
     from sora_jax.train import checkpointing
@@ -34,12 +36,12 @@ def _val_loss(config, workdir, batches) -> float:
         params = ckpt.restore_params(config.total_steps, spec.abstract["ema"], "ema")
         ckpt.close()
         step = make_eval_step(config, spec, batches[0])
-        # High noise only (t in [0.6, 1)): there the caption decides what the model predicts; at low noise
+        # High noise only (t in [0.8, 1)): there the caption decides what the model predicts; at low noise
         # the (x0-parameterised) loss is dominated by pixel detail that no caption carries.
-        batches = [{**b, "t": (0.6 + 0.4 * b["t"]).astype(np.float32)} for b in batches]
+        batches = [{**b, "t": (0.8 + 0.2 * b["t"]).astype(np.float32)} for b in batches]
         losses = [float(step(params, sharding.host_to_global(b, mesh), {}, np.int32(i))["loss"])
                   for i, b in enumerate(batches)]
-    return float(np.mean(losses))
+    return np.asarray(losses)
 
 
 @pytest.mark.slow
@@ -53,10 +55,12 @@ def test_the_demo_model_follows_its_captions(tmp_path, monkeypatch):
     true = _val_loss(config, workdir, pipeline.eval_batches(config, config.eval_batches))
     _swap_captions(monkeypatch)
     swapped = _val_loss(config, workdir, pipeline.eval_batches(config, config.eval_batches))
-    print(f"validation loss at high noise: true captions {true:.4f}, swapped {swapped:.4f}")
-    # Measured 2026-11-23: 0.1419 vs 0.1443 (1.7 % apart; the object is a small part of each frame, so the
-    # caption moves little of the pixel loss). Training is seeded, so the margin is reproducible.
-    assert true < 0.99 * swapped, (true, swapped)
+    print(f"validation loss at high noise, per batch: true captions {true}, swapped {swapped}")
+    # Measured 2026-11-23 (t in [0.8, 1)): true below swapped in each of the 4 batches, by 1.0-3.4 %; means
+    # 0.1532 vs 0.1569 (2.4 % apart). The object is a small part of each frame, so the caption moves little of
+    # the pixel loss, but it moves it the same way in every batch. Training is seeded: this is reproducible.
+    assert (true < swapped).all(), (true, swapped)
+    assert true.mean() < 0.985 * swapped.mean(), (true, swapped)
     monkeypatch.undo()
 
     from sora_jax.tasks import build_task
