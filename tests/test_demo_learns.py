@@ -1,9 +1,8 @@
 """The demo model learns what its captions say, not just the pixels' statistics (about 2 minutes on CPU).
 
-The default tiny model, trained briefly on the procedural world: its validation loss with the true
-captions (at high noise) must be below the loss with each sample's caption swapped for another sample's, in every
-validation batch, and its
-samples of held-out prompts must show the prompted color well above chance (1/7).
+The default tiny model, trained briefly on the procedural world: its validation loss with the true captions
+(at high noise) must be below the loss with each sample's caption swapped for another sample's, in every
+validation batch, and its samples of held-out prompts must show the prompted color well above chance (1/7).
 """
 import numpy as np
 import pytest
