@@ -4,4 +4,4 @@
 # -rs lists every skip with its reason.
 EXTRAS=test source "$(dirname "$0")/env.sh"
 ruff check .
-python -m pytest -q -rs tests "$@"
+python -m pytest -q -rs --durations=15 tests "$@"

@@ -116,6 +116,9 @@ class EvalJob:
         self._ckpt = self._writer = self._sampler = None
         self.restored = 0
         self._checked = False
+        # Damaged steps, by the identity of their directory: skipped at later polls (one line, not one per
+        # poll) until the trainer moves the step aside and writes that step anew.
+        self._damaged: dict[int, tuple[int, int]] = {}
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def _checkpointer(self):
@@ -133,7 +136,15 @@ class EvalJob:
         committed, writing = scan_step_dirs(self.checkpoint_dir)
         final = listed & committed
         writing = (writing | (listed - committed)) - final
+        final = {s for s in final if self._damaged.get(s) is None or self._damaged[s] != self._identity(s)}
         return sorted(final - self.records.done), sorted(writing)
+
+    def _identity(self, step: int) -> tuple[int, int] | None:
+        try:
+            st = os.stat(os.path.join(self.checkpoint_dir, str(step)))
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns
 
     # --- one checkpoint ------------------------------------------------------------------------------
     def _generate(self, params):
@@ -169,7 +180,9 @@ class EvalJob:
                                 "aside as damaged before it could be evaluated; skipping it.", step)
                 return None
             if params is None:
+                self._damaged[step] = self._identity(step)
                 return None
+            self._damaged.pop(step, None)
             self.restored += 1
             restored_s = time.perf_counter() - start
             out_dir = os.path.join(self.eval_dir, f"step_{step}")

@@ -134,6 +134,9 @@ def test_sampling_and_evaluation_skip_a_damaged_step_without_moving_it(trained_w
 
     job = EvalJob(with_overrides(load_config(workdir), **{"eval.evaluators": ("val_loss",)}), workdir)
     assert job.evaluate_step(4) is None and job.restored == 0  # skipped, the job goes on
+    assert 4 not in job.poll()[0]  # and not retried at the next poll of --watch
+    os.utime(_step_dir(workdir, 4))  # the step written anew (as after the trainer moved it aside): tried again
+    assert 4 in job.poll()[0]
     job.close()
     assert "Skipping checkpoint step 4" in capsys.readouterr().out
     assert _steps(workdir) == [2, 4] and not _bad(workdir)
