@@ -201,9 +201,12 @@ def dit_batch(config) -> dict[str, tuple[tuple[int, ...], Any]]:
     from sora_jax.models import patch_dim
     d = config.data
     rows, length, text, samples = d.global_batch_rows, d.seq_len, d.text_len, d.max_samples_per_row
+    # Token ids, or caption features of a frozen encoder computed ahead (config.text.encoder="precomputed").
+    captions = (((rows, text, config.text.width), np.float32) if config.text.encoder == "precomputed"
+                else ((rows, text), np.int32))
     return {
         "video": ((rows, length, patch_dim(config)), np.float32), "video_pos": ((rows, length, 3), np.int32),
-        "video_segment_ids": ((rows, length), np.int32), "text": ((rows, text), np.int32),
+        "video_segment_ids": ((rows, length), np.int32), "text": captions,
         "text_segment_ids": ((rows, text), np.int32), "text_positions": ((rows, text), np.int32),
         "info": ((rows, samples, 5), np.int32),
     }

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sora_jax.safetensors_io import PICKLE_SUFFIXES
 from sora_jax.models.t5 import T5Encoder, T5EncoderConfig
+from sora_jax.safetensors_io import PICKLE_SUFFIXES
 
 SUPPORTED_MODEL_TYPES = ("t5", "umt5")
 _IGNORED_PREFIXES = ("decoder.", "lm_head.")
@@ -198,13 +198,16 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def load_hf_text_encoder(path: str, dtype=jnp.float32, param_dtype=None) -> T5Encoder:
+def load_hf_text_encoder(path: str, dtype=jnp.float32, param_dtype=None, tokenizer_path: str | None = None
+                         ) -> T5Encoder:
     """Reads a local Hugging Face T5 v1.1 / umT5 directory; returns our encoder with its tokenizer.
 
     Args:
       path: directory with config.json, *.safetensors and the tokenizer files (what save_pretrained writes).
       dtype: compute dtype.
       param_dtype: dtype of the parameters; None: `dtype`.
+      tokenizer_path: where the tokenizer files are, if not in `path` (a diffusers pipeline keeps them in a
+        `tokenizer` folder beside `text_encoder`).
 
     Returns:
       A T5Encoder whose `.tokenizer` attribute is the Hugging Face tokenizer.
@@ -224,7 +227,7 @@ def load_hf_text_encoder(path: str, dtype=jnp.float32, param_dtype=None) -> T5En
         cfg = t5_config_from_hf(json.load(f), config_path)
     param_dtype = param_dtype or dtype
     tensors = _read_encoder_tensors(path)
-    tokenizer = _load_tokenizer(path)
+    tokenizer = _load_tokenizer(tokenizer_path or path)
 
     abstract = nnx.eval_shape(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)

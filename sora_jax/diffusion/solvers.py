@@ -31,3 +31,93 @@ def euler_sample(step_fn: Callable, x: jax.Array, ts: np.ndarray, progress=None)
         if progress is not None:
             progress.update(1)
     return x
+
+
+def _log_snr(sigma: np.ndarray) -> np.ndarray:
+    """float32 log((1 - s) / s) of the flow path x_s = (1 - s) x_0 + s eps; +inf at s = 0 (the data)."""
+    sigma = np.asarray(sigma, np.float32)
+    with np.errstate(divide="ignore"):
+        return (np.log(np.float32(1.0) - sigma) - np.log(sigma)).astype(np.float32)
+
+
+def _unipc_coefficients(lam: np.ndarray, s0: int, t: int, history: list[int], corrector: bool):
+    """Scalars of one UniPC-bh2 update from sigma index s0 to t in x_0-prediction form (Zhao et al. 2023).
+
+    Args:
+      lam: float32 log-SNR per sigma index.
+      history: the indices of the older x_0 estimates used, newest first (order - 1 of them).
+      corrector: the corrector's weights (history plus the new estimate) rather than the predictor's.
+
+    Returns:
+      (h_phi_1, B_h, rks, rhos): float32; rks the relative log-SNR steps of `history`; rhos the weights of
+      their divided differences (the corrector's last one weighs the new estimate).
+    """
+    one = np.float32(1.0)
+    h = lam[t] - lam[s0]
+    rks = np.array([(lam[k] - lam[s0]) / h for k in history] + [one], np.float32)
+    hh = -h  # x_0-prediction integrates in -h
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h_phi_1 = np.expm1(hh)
+        h_phi_k = h_phi_1 / hh - one
+        b_h = np.expm1(hh)  # bh2's B(h); bh1's, h, is infinite at sigma 0 and makes the last step NaN
+        order, factorial, rows, b = len(rks), 1, [], []
+        for i in range(1, order + 1):
+            rows.append(rks ** (i - 1))
+            b.append(h_phi_k * factorial / b_h)
+            factorial *= i + 1
+            h_phi_k = h_phi_k / hh - one / np.float32(factorial)
+    r, b = np.stack(rows).astype(np.float32), np.asarray(b, np.float32)
+    if corrector:
+        rhos = np.array([0.5], np.float32) if order == 1 else np.linalg.solve(r, b).astype(np.float32)
+    elif order == 1:
+        rhos = np.zeros(0, np.float32)
+    else:  # second order has a closed form; higher orders solve the order conditions without the new point
+        rhos = np.array([0.5], np.float32) if order == 2 else np.linalg.solve(r[:-1, :-1], b[:-1]).astype(np.float32)
+    return h_phi_1, b_h, rks[:-1], rhos
+
+
+def _unipc_update(x, m0, older, new, sigmas, lam, s0, t, history):
+    """x at sigma index t from x at s0: the predictor when `new` is None, else the corrector."""
+    h_phi_1, b_h, rks, rhos = _unipc_coefficients(lam, s0, t, history, new is not None)
+    alpha_t = np.float32(1.0) - sigmas[t]
+    out = (sigmas[t] / sigmas[s0]) * x - (alpha_t * h_phi_1) * m0
+    residual = sum((rho * ((m - m0) / rk) for rho, m, rk in zip(rhos, older, rks)), jnp.zeros_like(x))
+    if new is not None:
+        residual = residual + rhos[-1] * (new - m0)
+    return out - (alpha_t * b_h) * residual
+
+
+def unipc_sample(velocity_fn: Callable, x: jax.Array, sigmas: np.ndarray, order: int = 2,
+                 disable_corrector: tuple[int, ...] = (), progress=None) -> jax.Array:
+    """UniPC-bh2 multistep predictor-corrector on the flow x_s = (1 - s) x_0 + s eps, from sigmas[0] to 0.
+
+    The model's velocity is read as an x_0 estimate (x - s v), and the solver runs in log-SNR with the
+    lower orders at the start (too little history) and at the last step (sigma 0 has infinite log-SNR):
+    the behaviour of diffusers' UniPCMultistepScheduler with use_flow_sigmas, predict_x0, lower_order_final
+    and final_sigmas_type "zero", which the released Wan 2.1 checkpoints use.
+
+    Args:
+      velocity_fn: (x, i) -> the velocity at noise level sigmas[i] (i indexes the schedule, so a caller
+        can give the network its own timestep for that level).
+      x: the initial noise at sigmas[0].
+      sigmas: float32 [steps + 1] decreasing noise levels, the last 0.
+      order: solver order (history length); 2 is UniPC's and Wan's default.
+      disable_corrector: step indices whose result is not corrected at the next step.
+    """
+    sigmas = np.asarray(sigmas, np.float32)
+    lam, steps = _log_snr(sigmas), len(sigmas) - 1
+    estimates, last_x, last_order = [], None, 0  # x_0 estimates, newest last
+    for i in range(steps):
+        m = x - sigmas[i] * velocity_fn(x, i)  # from x before its correction, as in the reference
+        if i > 0 and i - 1 not in disable_corrector:
+            older = estimates[-2::-1][:last_order - 1]
+            x = _unipc_update(last_x, estimates[-1], older, m, sigmas, lam, i - 1, i,
+                              [i - 2 - k for k in range(len(older))])
+        estimates = (estimates + [m])[-order:]
+        this_order = min(order, steps - i, len(estimates))
+        last_x, last_order = x, this_order
+        older = estimates[-2::-1][:this_order - 1]
+        x = _unipc_update(x, m, older, None, sigmas, lam, i, i + 1, [i - 1 - k for k in range(len(older))])
+        if progress is not None:
+            progress.update(1)
+    return x
