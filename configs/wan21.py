@@ -23,6 +23,11 @@ Image-to-video (Wan2.1-I2V-14B-480P/720P-Diffusers) also takes apply_dense(..., 
 [B, 257, 1280], condition=[B, T, H, W, 20]): the mask and first-frame latents the diffusers pipeline
 concatenates after the noisy latents.
 
+Per-device memory of a full fine-tune, ahead of time on this machine (one 480p clip per chip; rows = chips
+divided by mesh.context):
+  python -m sora_jax.aot --config=configs/wan21.py:1.3B --topology=v5p-8 --config.data.global_batch_rows=4
+  python -m sora_jax.aot --config=configs/wan21.py:14B --topology=v5p-32 --config.data.global_batch_rows=8
+
 Not wired yet: training and sampling from this config need caption features in the batch
 (config.text.encoder = "precomputed"), and image-to-video its conditioning, which no data source or
 sampler produces today.
@@ -58,8 +63,19 @@ def get_config(arg: str | None = None):
     c.data.update(source="latents", sides=(256, 384, 480), frames=(1, 17, 33, 81), seq_len=32768,
                   text_len=512, max_samples_per_row=16, global_batch_rows=1)
     c.sample.update(steps=50, guidance=5.0, width=832, height=480, frames=81, fps=16)
+    # Fine-tuning as the public Wan recipes do it (DiffSynth-Studio, musubi-tuner, finetrainers): AdamW at a
+    # constant 1e-5 for full fine-tunes (1e-4 is theirs for LoRA) after a short warm-up, bf16 compute,
+    # float32 master weights and moments, full remat, gradient clipping at 1, next to no weight decay.
+    c.optim.update(lr=1e-5, warmup_steps=100, b1=0.9, b2=0.999, weight_decay=1e-4, grad_clip=1.0,
+                   schedule="constant")
+    c.ema_decay = 0.9999
+    # One 81-frame 480p clip (32,760 tokens) per device, the state sharded over fsdp. Ahead-of-time compiled
+    # for v5p-32 (16 chips, 95 GiB) on 2026-11-23 (BUILD_NOTES): 1.3B with fsdp=-1 on v5p-8 needs 30.6 GiB per
+    # chip; 14B with fsdp=-1 needs 100.3 GiB (does not fit), with fsdp=8 x context=2 80.7 GiB (fits).
+    c.mesh.update(data=1, fsdp=-1, context=2 if arg in ("14B", "i2v-14B") else 1)
     if not big:
         c.data.update(source="procedural", sides=(16, 32), frames=(1, 5), seq_len=128, text_len=512,
                       max_samples_per_row=8, global_batch_rows=8)
         c.sample.update(steps=2, width=32, height=32, frames=5)
+        c.mesh.update(data=-1, fsdp=1, context=1)
     return c
