@@ -147,10 +147,11 @@ def test_two_processes_train_resume_and_match_one_process(tmp_path, monkeypatch,
 
 
 
-def test_ctrl_c_on_one_host_stops_both_at_the_same_step_and_the_rerun_resumes(tmp_path):
+def test_one_hosts_ctrl_c_or_damage_is_acted_on_by_both_hosts(tmp_path):
     """Only host 1 is interrupted. Its Ctrl-C is passed to JAX's preemption notifier as a SIGTERM (what a
     scheduler sends), the coordination service tells host 0, and both save the same step at the sync point and
-    exit 0 -- rather than host 1 leaving alone and host 0 waiting for it forever."""
+    exit 0 -- rather than host 1 leaving alone and host 0 waiting for it forever. Then a step damaged in host
+    1's part is moved aside and both hosts resume from the step before."""
     workdir = str(tmp_path / "mp")
     procs = _start_two_processes(workdir, 10_000, "--config.checkpoint_every_steps=100000",
                                  "--config.log_every_steps=1", "--alsologtostderr")
@@ -170,3 +171,13 @@ def test_ctrl_c_on_one_host_stops_both_at_the_same_step_and_the_rerun_resumes(tm
     for path, text in _logs(workdir).items():
         assert f"Resumed from step {saved[0]}." in text, path
     assert os.path.isdir(os.path.join(workdir, "checkpoints", str(saved[0] + 2)))
+
+    # Damage host 1's part of the newest step (its iterator state): the step is moved aside once, both hosts
+    # agreeing through a barrier, and both resume from the same earlier step (a host resuming elsewhere than
+    # the other would hang or diverge).
+    newest, logs = saved[0] + 2, _logs(workdir)
+    os.remove(os.path.join(workdir, "checkpoints", str(newest), "data", "process_1-of-2.json"))
+    _launch_two_processes(workdir, newest + 2)
+    for path, text in _logs(workdir).items():
+        assert f"Resumed from step {saved[0]}." in text[len(logs[path]):], path
+    assert [d.split("-")[0] for d in os.listdir(os.path.join(workdir, "checkpoints_bad"))] == [str(newest)]
