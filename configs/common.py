@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from data_pipelines import procedural
+from sora_jax.models.lora import DEFAULT_TARGETS
 
 
 def trainer_config() -> ml_collections.ConfigDict:
@@ -45,6 +46,16 @@ def trainer_config() -> ml_collections.ConfigDict:
     c.nonfinite_max_skips = 3
     c.nonfinite_lr_factor = 0.5
     c.nonfinite_max_rollbacks = 3
+    # Fine-tuning (sora_jax/train/init_from.py). init_from: a sora_jax work dir or a diffusers
+    # WanTransformer3DModel directory whose weights a new run starts from at step 0 with a fresh optimizer and
+    # data order (a work dir that already holds checkpoints resumes from them instead); init_from_weights: a
+    # work dir's "ema" or raw "params".
+    c.init_from = ""
+    c.init_from_weights = "ema"
+    # LoRA (sora_jax/models/lora.py): rank 0 is off. Otherwise only adapters on the linear layers whose module
+    # paths fullmatch one of `targets` train, scaled by alpha / rank (alpha 0: the rank, a scale of 1), over the
+    # frozen weights of init_from (required; read again at every start); checkpoints hold only the adapters.
+    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=DEFAULT_TARGETS))
     return c
 
 

@@ -75,6 +75,35 @@ def validate_common(config) -> None:
              "config.nonfinite_max_skips and config.nonfinite_max_rollbacks must be >= 1.")
     _require(0.0 < config.get("nonfinite_lr_factor", 0.5) < 1.0,
              f"config.nonfinite_lr_factor={config.get('nonfinite_lr_factor')} must be in (0, 1).")
+    _check_finetune(config)
+
+
+def _check_finetune(config) -> None:
+    """config.init_from, init_from_weights and lora (sora_jax/train/init_from.py, sora_jax/models/lora.py)."""
+    import os
+    import re
+    init_from = config.get("init_from", "")
+    _require(not init_from or os.path.isdir(init_from),
+             f"config.init_from={init_from!r} is not a directory; name a sora_jax work dir or a diffusers "
+             "WanTransformer3DModel directory.")
+    _require(config.get("init_from_weights", "ema") in ("ema", "params"),
+             f"config.init_from_weights={config.get('init_from_weights')!r}; choose 'ema' or 'params'.")
+    lora = config.get("lora")
+    if lora is None or lora.rank == 0:
+        return
+    _require(isinstance(lora.rank, int) and lora.rank > 0, f"config.lora.rank={lora.rank!r} must be an integer >= 0 "
+                                                           "(0: no LoRA).")
+    _require(lora.alpha >= 0, f"config.lora.alpha={lora.alpha} must be >= 0 (0: the rank).")
+    _require(bool(init_from), "config.lora.rank > 0 needs config.init_from: the base weights the adapters train on "
+                              "(read again at every start, resumes included).")
+    targets = (lora.targets,) if isinstance(lora.targets, str) else tuple(lora.targets)
+    _require(len(targets) > 0, "config.lora.targets is empty; name the linear layers to adapt (regexes over module "
+                               "paths such as blocks/0/attn/q).")
+    for target in targets:
+        try:
+            re.compile(target)
+        except re.error as e:
+            raise ConfigError(f"config.lora.targets: {target!r} is not a valid regex ({e}).") from None
 
 
 def _check_optim(o) -> None:

@@ -24,6 +24,10 @@ so the patch Conv3d's input channels split into the noisy part and the condition
 
 Not supported (refused with a message): first-last-frame models (pos_embed_seq_len) and Wan 2.2's
 per-token timesteps.
+
+The way back: `save_diffusers_transformer` writes our DiT (LoRA adapters of sora_jax.models.lora merged into
+their kernels) as a diffusers directory (config.json + one safetensors file) through the inverse maps
+(`_torch_name`, `_to_theirs`); `diffusers_config` refuses a model whose options Wan's transformer lacks.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ from flax import nnx
 
 from sora_jax import patching
 from sora_jax.convert.diffusers_vae import PICKLE_SUFFIXES, _flatten, _unflatten
-from sora_jax.models.dit import DiT, PackedInputs
+from sora_jax.models.dit import DiT, PackedInputs, model_options
 
 WAN_CLASS = "WanTransformer3DModel"
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
@@ -229,22 +233,38 @@ def load_diffusers_transformer(path: str, *, dtype: str = "float32", param_dtype
         does not match the architecture in config.json (the message names the tensor and both shapes).
       FileNotFoundError: no config.json or no weights.
     """
-    raw = read_config(path)
-    cfg = dit_config_from_diffusers(raw, dtype=dtype, param_dtype=param_dtype, attention=attention)
-    patch_dim = math.prod(cfg.model.patch) * cfg.channels
-    build = lambda: DiT(cfg.model, cfg.text, patch_dim, 0, rngs=nnx.Rngs(0))  # noqa: E731
-    # Tensors are checked against the per-block layout, whose names are diffusers' block indices.
-    _, state = nnx.split(nnx.eval_shape(build), nnx.Param)
-    filled = _convert(path, _flatten(nnx.to_pure_dict(state)), cfg.channels)
-    cfg.model.scan_layers = scan_layers
-    graphdef, state = nnx.split(nnx.eval_shape(build), nnx.Param)
-    if scan_layers:  # one array per block parameter, its leading axis the layer that nnx.scan runs over
-        for key in _flatten(nnx.to_pure_dict(state)):
-            if key.startswith("blocks/"):
-                rest = key[len("blocks/"):]
-                filled[key] = np.stack([filled.pop(f"blocks/{i}/{rest}") for i in range(cfg.model.depth)])
+    cfg, filled = read_diffusers_weights(path, dtype=dtype, param_dtype=param_dtype, attention=attention,
+                                         scan_layers=scan_layers)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: _build(cfg)), nnx.Param)
     # Host arrays until here: the device holds one copy of the weights, never two.
     return nnx.merge(graphdef, _unflatten({k: jnp.asarray(v) for k, v in filled.items()}, nnx.to_pure_dict(state)))
+
+
+def _build(cfg) -> DiT:
+    return DiT(cfg.model, cfg.text, math.prod(cfg.model.patch) * cfg.channels, 0, rngs=nnx.Rngs(0))
+
+
+def read_diffusers_weights(path: str, *, dtype: str = "float32", param_dtype: str = "float32",
+                           attention: str = "auto", scan_layers: bool = False) -> tuple[ml_collections.ConfigDict,
+                                                                                        dict[str, np.ndarray]]:
+    """(our config sections, {our parameter path "a/b/kernel": host array}) of a diffusers WanTransformer3DModel
+    directory, in our layout and param_dtype, without touching a device (load_diffusers_transformer's first
+    half; the trainer's config.init_from places the arrays into their shardings itself).
+
+    cfg.model.scan_layers is `scan_layers`, and the block parameters are stacked accordingly. Raises as
+    load_diffusers_transformer does.
+    """
+    raw = read_config(path)
+    cfg = dit_config_from_diffusers(raw, dtype=dtype, param_dtype=param_dtype, attention=attention)
+    # Tensors are checked against the per-block layout, whose names are diffusers' block indices.
+    _, state = nnx.split(nnx.eval_shape(lambda: _build(cfg)), nnx.Param)
+    filled = _convert(path, _flatten(nnx.to_pure_dict(state)), cfg.channels)
+    cfg.model.scan_layers = scan_layers
+    if scan_layers:  # one array per block parameter, its leading axis the layer that nnx.scan runs over
+        for key in [k for k in filled if k.startswith("blocks/0/")]:
+            rest = key[len("blocks/0/"):]
+            filled[f"blocks/{rest}"] = np.stack([filled.pop(f"blocks/{i}/{rest}") for i in range(cfg.model.depth)])
+    return cfg, filled
 
 
 def _convert(path: str, wanted: dict, channels: int) -> dict[str, np.ndarray]:
@@ -308,3 +328,114 @@ def apply_dense(model: DiT, latents: jax.Array, timesteps: jax.Array, context: j
                           cond=cond, image=image, image_segments=image_segments)
     out = model(inputs)
     return jax.vmap(lambda x: patching.unpatchify(x, grid, model.patch, channels))(out)
+
+
+# --- export: our DiT (LoRA adapters merged) -> diffusers ---------------------------------------------------
+
+_TOP_BACK = {ours: theirs for theirs, ours in _TOP.items()}
+_BLOCK_BACK = {ours: theirs for theirs, ours in _BLOCK.items()}
+_BLOCK_BACK.update({f"{a_ours}/{p_ours}": f"{a}.{p}" for a, a_ours in _ATTENTION.items()
+                    for p, p_ours in _PROJECTION.items()})
+# Fields of our config.model that dit_config_from_diffusers derives from config.json: an exported config must
+# give them back unchanged, or diffusers would compute something else.
+_EXPRESSED = ("hidden", "depth", "heads", "ffn_dim", "patch", "rope_theta", "pooled_text", "meta_conditioning",
+              "qk_norm", "cross_attn_norm", "norm_eps", "time_freq_dim", "text_proj", "null_text", "final_modulation",
+              "image_dim", "cond_channels")
+
+
+def _torch_name(ours: str) -> tuple[str, str]:
+    """(diffusers tensor name, kind) of one of our parameter paths (a per-block layout); _our_name's inverse."""
+    if ours == "final_table":
+        return "scale_shift_table", "table"
+    module, _, leaf = ours.rpartition("/")
+    block = re.fullmatch(r"blocks/(\d+)/(.+)", module) or re.fullmatch(r"blocks/(\d+)/(table)", ours)
+    if block and block.group(2) == "table":
+        return f"blocks.{block.group(1)}.scale_shift_table", "table"
+    theirs = f"blocks.{block.group(1)}.{_BLOCK_BACK.get(block.group(2), '')}" if block else _TOP_BACK.get(module, "")
+    if not theirs or theirs.endswith("."):
+        raise ValueError(f"parameter {ours} has no counterpart in diffusers' WanTransformer3DModel.")
+    if leaf == "kernel":
+        return f"{theirs}.weight", "conv" if module == "patch_embed" else "linear"
+    return f"{theirs}.{'bias' if leaf == 'bias' else 'weight'}", "vector"
+
+
+def _to_theirs(value: np.ndarray, kind: str, patch: tuple, channels: int) -> np.ndarray:
+    """One of our arrays in diffusers' layout; _to_ours's inverse."""
+    if kind == "linear":
+        return value.T
+    if kind == "conv":  # rows (pt, ph, pw, C) of the noisy latents, then of the conditioning -> (dim, C_in, pt, ph, pw)
+        split = math.prod(patch) * channels
+        parts = [p.reshape(*patch, -1, value.shape[1]).transpose(4, 3, 0, 1, 2)
+                 for p in (value[:split], value[split:])]
+        return np.concatenate(parts, axis=1)
+    if kind == "table":
+        return value[None]
+    return value
+
+
+def diffusers_config(model_cfg, text_cfg, channels: int) -> dict:
+    """The config.json of a WanTransformer3DModel computing what our DiT of `model_cfg` computes.
+
+    Raises:
+      ValueError: the model uses an option Wan's transformer does not have (naming the field).
+    """
+    dim, heads, opts = model_cfg.hidden, model_cfg.heads, model_options(model_cfg)
+    raw = dict(_class_name=WAN_CLASS, patch_size=list(model_cfg.patch), num_attention_heads=heads,
+               attention_head_dim=dim // heads, in_channels=channels + opts["cond_channels"], out_channels=channels,
+               text_dim=text_cfg.width, freq_dim=opts["time_freq_dim"], ffn_dim=opts["ffn_dim"],
+               num_layers=model_cfg.depth, cross_attn_norm=opts["cross_attn_norm"], qk_norm="rms_norm_across_heads",
+               eps=opts["norm_eps"], image_dim=opts["image_dim"] or None,
+               added_kv_proj_dim=dim if opts["image_dim"] else None, rope_max_seq_len=1024, pos_embed_seq_len=None)
+    if text_cfg.encoder != "precomputed":
+        raise ValueError(f"config.text.encoder={text_cfg.encoder!r}: Wan's transformer reads precomputed caption "
+                         "features (\"precomputed\").")
+    back = dit_config_from_diffusers(raw).model
+    ours = {**model_cfg.to_dict(), **opts, "patch": tuple(model_cfg.patch)}
+    for field in _EXPRESSED:
+        if ours.get(field) != back[field] and not (field == "patch" and tuple(back[field]) == ours[field]):
+            raise ValueError(f"config.model.{field}={ours.get(field)!r} has no WanTransformer3DModel equivalent "
+                             f"(it would be {back[field]!r}).")
+    return raw
+
+
+def save_diffusers_transformer(model_or_params, config, out_dir: str) -> str:
+    """Writes a DiT configured as Wan (LoRA adapters, if any, merged) as a diffusers WanTransformer3DModel
+    directory (config.json + diffusion_pytorch_model.safetensors) that `from_pretrained` loads.
+
+    Args:
+      model_or_params: our DiT (possibly with sora_jax.models.lora adapters) or the plain model's parameters
+        as a pure dict; blocks per layer or stacked (config.model.scan_layers).
+      config: has `model` and `text` (a training config, or dit_config_from_diffusers's result).
+      out_dir: created if absent; must not hold a model already.
+    Returns:
+      out_dir.
+    Raises:
+      ValueError: an option diffusers' Wan transformer lacks, or a parameter with no diffusers counterpart.
+      FileExistsError: out_dir already holds config.json or weights.
+    """
+    from safetensors.numpy import save_file
+
+    from sora_jax.models.lora import merged_params
+    params = model_or_params if isinstance(model_or_params, dict) else merged_params(model_or_params)
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in _flatten(params).items()}
+    channels = flat["final/kernel"].shape[1] // math.prod(config.model.patch)
+    raw = diffusers_config(config.model, config.text, channels)
+    if any(k.startswith("blocks/") and not re.match(r"blocks/\d+/", k) for k in flat):  # stacked: one per block
+        for key in [k for k in flat if k.startswith("blocks/")]:
+            for i, value in enumerate(flat.pop(key)):
+                flat[f"blocks/{i}/{key[len('blocks/'):]}"] = value
+    tensors = {}
+    for ours, value in flat.items():
+        theirs, kind = _torch_name(ours)
+        value = _to_theirs(value, kind, tuple(config.model.patch), channels)
+        # numpy has no bfloat16 of its own: bfloat16 weights are written as float32 (diffusers casts on load).
+        tensors[theirs] = np.ascontiguousarray(value if value.dtype in (np.float32, np.float16) else
+                                               value.astype(np.float32))
+    os.makedirs(out_dir, exist_ok=True)
+    taken = [f for f in (WEIGHTS_FILE, INDEX_FILE, "config.json") if os.path.exists(os.path.join(out_dir, f))]
+    if taken:
+        raise FileExistsError(f"{out_dir} already holds {', '.join(taken)}; export into a new directory.")
+    save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(raw, f, indent=2)
+    return out_dir

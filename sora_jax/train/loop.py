@@ -13,8 +13,9 @@ import numpy as np
 
 from sora_jax import console, sharding
 from sora_jax.config_validation import ConfigError, validate, validate_for_mesh
+from sora_jax.models.lora import LoRATargetError, fingerprint
 from sora_jax.tasks import build_task
-from sora_jax.train import checkpointing
+from sora_jax.train import checkpointing, init_from
 from sora_jax.train.guards import NonFiniteGuard, PreemptionWatch
 from sora_jax.train.state import count_params, init_state, state_spec
 from sora_jax.train.step import make_eval_step, make_train_step
@@ -88,17 +89,23 @@ def _train_locked(config, task, workdir: str) -> dict:
     with sharding.use_mesh(mesh, rules):
         try:
             spec = state_spec(config, mesh, task)
-        except sharding.InsufficientShardingError as e:
+        except (sharding.InsufficientShardingError, LoRATargetError) as e:
             raise ConfigError(str(e)) from None
         # Damaged newer steps are moved aside (checkpoints_bad/); another model's checkpoint still raises.
         latest = ckpt.newest_good_step(spec.abstract, workdir)
+        if config.get("init_from") and latest is not None and not spec.lora:
+            _say(f"{workdir} holds checkpoint {latest}: resuming from it (config.init_from is ignored).")
+        if latest is not None and latest >= config.total_steps:
+            console.commit_log()
+            ckpt.close()
+            return _already_trained(config, workdir, latest)
+        weights = None
+        if config.get("init_from") and (spec.lora or latest is None):
+            # Read before anything is written or compiled: a mismatch leaves the work dir untouched.
+            weights = init_from.load_weights(config, spec.weights_abstract)
         console.commit_log()  # the config is accepted: the log file (if deferred) may now be written
-        if latest is not None:
-            if latest >= config.total_steps:
-                ckpt.close()
-                return _already_trained(config, workdir, latest)
         checkpointing.write_config(workdir, config)
-        return _run(config, workdir, ckpt, spec, latest, mesh)
+        return _run(config, workdir, ckpt, spec, weights, mesh)
 
 
 def pending_marker(workdir: str) -> str:
@@ -165,7 +172,17 @@ def _mesh_text(mesh) -> str:
     return " ".join(f"{k}={v}" for k, v in dict(mesh.shape).items() if v > 1) or "one device"
 
 
-def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
+def _check_base(config, workdir: str, step: int, state: dict, weights) -> None:
+    """A LoRA checkpoint's adapters belong to the base weights they were trained on: refuse other ones."""
+    stored, now = jax.device_get((state["base_fingerprint"], jax.jit(fingerprint)(weights)))
+    if not np.allclose(stored, now, rtol=1e-4, atol=1e-7):
+        raise checkpointing.CheckpointMismatchError(
+            f"{workdir} holds LoRA adapters (step {step}) trained on other base weights than config.init_from="
+            f"{config.init_from} (the base fingerprints differ). Use the init_from that run used (config.json there) "
+            "or a fresh --workdir.")
+
+
+def _run(config, workdir, ckpt, spec, weights, mesh) -> dict:
     from clu import metric_writers  # imports TensorFlow: only the training job pays for it
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -174,16 +191,23 @@ def _run(config, workdir, ckpt, spec, latest, mesh) -> dict:
     latest, state, (data_iter, data_start, _) = ckpt.restore_newest_good(
         spec.abstract, workdir, lambda step: _data_iterator(config, task, ckpt, step))
     if latest is None:
-        state = init_state(config, spec)
+        if weights is None and config.get("init_from"):  # every checkpoint turned out damaged: a fresh start
+            weights = init_from.load_weights(config, spec.weights_abstract)
+        state = init_state(config, spec, weights)
     else:
+        if spec.lora:
+            _check_base(config, workdir, latest, state, weights)
         logging.info("Resumed from step %d.", latest)
         _say(f"Resuming from checkpoint {latest} in {workdir}.")
     start = int(state["step"])
     n_params = count_params(state["params"])
     logging.info("Parameters: %d on mesh %s", n_params, dict(mesh.shape))
-    _say(f"{n_params:,} parameters on mesh {_mesh_text(mesh)}; compiling the train step ...")
+    trained = f"{n_params:,} LoRA parameters over {count_params(weights):,} frozen" if spec.lora else f"{n_params:,}"
+    _say(f"{trained} parameters on mesh {_mesh_text(mesh)}; compiling the train step ...")
 
-    frozen = jax.device_put(task.frozen(), spec.frozen_shardings)
+    base = weights if spec.lora else None
+    weights = None  # without LoRA they are the state's now; no second reference
+    frozen = jax.device_put(spec.frozen_inputs(task.frozen(), base), spec.frozen_shardings)
     first = next(data_iter)
     train_step = make_train_step(config, spec, first).lower(
         state, sharding.host_to_global(first, mesh), frozen).compile()

@@ -4,6 +4,12 @@ The state is a plain pytree {step, params, opt_state, ema} whose params are pure
 model's structure (graphdef) is kept separately and merged with params inside jitted functions. The
 abstract state (shapes + shardings) is computed without allocating anything, so a restore lands
 directly in its sharded layout and no host ever holds the whole model.
+
+With LoRA (config.lora.rank > 0) the model carries adapters (sora_jax.models.lora) and the state's params,
+opt_state and EMA are the adapters' alone, plus base_fingerprint (sora_jax.models.lora.fingerprint of the
+base weights they were trained on). The base weights are not state: they come from config.init_from at every
+start and reach the step functions inside their `frozen` argument, {"task": task.frozen(), "base": weights},
+sharded by their logical axes like parameters (StateSpec.frozen_inputs).
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sora_jax import sharding
+from sora_jax.models import lora
 
 
 def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
@@ -58,30 +65,76 @@ class StateSpec:
     mesh: Mesh
     task: Any
     param_report: Any = None  # sharding.ParamShardingReport of the parameters on this mesh
+    # LoRA only: the frozen base weights' ShapeDtypeStructs (with shardings) and their shardings.
+    base_abstract: Any = None
+    base_shardings: Any = None
+
+    @property
+    def lora(self) -> bool:
+        """Whether the trained params are LoRA adapters over frozen base weights."""
+        return self.base_abstract is not None
+
+    @property
+    def weights_abstract(self):
+        """The plain model's parameters (what config.init_from provides): the base under LoRA, else params."""
+        return self.base_abstract if self.lora else self.abstract["params"]
 
     @property
     def frozen_shardings(self):
-        """The task's frozen arrays are replicated on every device."""
-        return jax.tree.map(lambda _: NamedSharding(self.mesh, P()), self.task.frozen())
+        """The task's frozen arrays are replicated on every device; LoRA's base weights are sharded."""
+        task = jax.tree.map(lambda _: NamedSharding(self.mesh, P()), self.task.frozen())
+        return {"task": task, "base": self.base_shardings} if self.lora else task
+
+    def frozen_inputs(self, task_frozen, base=None):
+        """The step functions' `frozen` argument: the task's frozen arrays, and under LoRA the base weights."""
+        return {"task": task_frozen, "base": base} if self.lora else task_frozen
 
     @property
     def param_shardings(self):
         return self.shardings["params"]
 
 
-def state_spec(config, mesh: Mesh, task=None) -> StateSpec:
-    """Abstract train state and shardings for `config` on `mesh` (under the active logical-axis rules)."""
-    from sora_jax.tasks import build_task
-    task = task or build_task(config)
-    abstract_model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(config.seed)))
-    graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
+def build_model(config, task, rngs: nnx.Rngs):
+    """The task's model, with LoRA adapters on config.lora.targets when config.lora.rank > 0."""
+    model = task.build_model(rngs)
+    lora_cfg = config.get("lora")
+    if lora_cfg is not None and lora_cfg.rank > 0:
+        lora.apply_lora(model, lora_cfg.rank, lora_cfg.alpha or lora_cfg.rank, lora_cfg.targets, rngs=rngs)
+    return model
+
+
+def split_model(model):
+    """(graphdef, trained params, frozen base params or None): adapters and base under LoRA."""
+    if any(isinstance(m, lora.LoRALinear) for _, m in nnx.iter_graph(model)):
+        graphdef, trained, base, rest = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
+    else:
+        (graphdef, trained, rest), base = nnx.split(model, nnx.Param, ...), None
     if jax.tree.leaves(rest):
         raise TypeError("models may hold only nnx.Param state (no RNG or batch statistics).")
-    pure = nnx.to_pure_dict(abstract_params)
-    logical, rules = sharding.logical_axes(abstract_params), sharding.current_rules()
+    return graphdef, trained, base
+
+
+def state_spec(config, mesh: Mesh, task=None) -> StateSpec:
+    """Abstract train state and shardings for `config` on `mesh` (under the active logical-axis rules).
+
+    Raises:
+      sora_jax.models.lora.LoRATargetError: config.lora.targets match no linear layer (or are not valid regexes).
+    """
+    from sora_jax.tasks import build_task
+    task = task or build_task(config)
+    abstract_model = nnx.eval_shape(lambda: build_model(config, task, nnx.Rngs(config.seed)))
+    graphdef, abstract_params, abstract_base = split_model(abstract_model)
+    rules = sharding.current_rules()
+    pure, logical = nnx.to_pure_dict(abstract_params), sharding.logical_axes(abstract_params)
     param_sh = sharding.param_shardings(logical, pure, mesh, rules)
+    everything, everything_logical = pure, logical
+    if abstract_base is not None:  # the sufficiently-sharded check covers the frozen base as well
+        base_pure, base_logical = nnx.to_pure_dict(abstract_base), sharding.logical_axes(abstract_base)
+        base_sh = sharding.param_shardings(base_logical, base_pure, mesh, rules)
+        everything, everything_logical = ({"lora": pure, "base": base_pure},
+                                          {"lora": logical, "base": base_logical})
     report = sharding.assert_params_sufficiently_sharded(
-        logical, pure, mesh, config.get("param_sharding_tolerance", 0.02), rules)
+        everything_logical, everything, mesh, config.get("param_sharding_tolerance", 0.02), rules)
     tx = make_optimizer(config.optim, config.total_steps)
     abstract_opt = jax.eval_shape(tx.init, pure)
     replicated = NamedSharding(mesh, P())
@@ -92,18 +145,39 @@ def state_spec(config, mesh: Mesh, task=None) -> StateSpec:
     shardings = {"step": replicated, "params": param_sh, "opt_state": opt_sh, "ema": param_sh, "lr_scale": replicated}
     shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": pure, "opt_state": abstract_opt, "ema": pure,
               "lr_scale": jax.ShapeDtypeStruct((), jnp.float32)}
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    return StateSpec(graphdef, abstract, shardings, tx, mesh, task, report)
+    to_abstract = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)  # noqa: E731
+    if abstract_base is None:
+        abstract = jax.tree.map(to_abstract, shapes, shardings)
+        return StateSpec(graphdef, abstract, shardings, tx, mesh, task, report)
+    # A LoRA checkpoint records which base its adapters belong to (checked on every restore).
+    shardings["base_fingerprint"] = replicated
+    shapes["base_fingerprint"] = jax.eval_shape(lora.fingerprint, base_pure)
+    abstract = jax.tree.map(to_abstract, shapes, shardings)
+    return StateSpec(graphdef, abstract, shardings, tx, mesh, task, report,
+                     base_abstract=jax.tree.map(to_abstract, base_pure, base_sh), base_shardings=base_sh)
 
 
-def init_state(config, spec: StateSpec) -> dict:
-    """Initialises the train state directly into its shardings (jit with out_shardings)."""
-    def init():
-        model = spec.task.build_model(nnx.Rngs(config.seed))
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": spec.tx.init(params),
-                "ema": jax.tree.map(jnp.copy, params), "lr_scale": jnp.ones((), jnp.float32)}
-    return jax.jit(init, out_shardings=spec.shardings)()
+def init_state(config, spec: StateSpec, weights=None) -> dict:
+    """Initialises the train state directly into its shardings (jit with out_shardings).
+
+    weights: config.init_from's weights (the plain model's parameters, sharded like spec.weights_abstract).
+    Without LoRA they are the starting params and EMA (a fine-tune: step 0 and a fresh optimizer); with LoRA
+    they are the frozen base (required), and the state records their fingerprint while the adapters start
+    with B = 0.
+    """
+    if spec.lora and weights is None:
+        raise ValueError("a LoRA train state needs its base weights (config.init_from).")
+
+    def init(weights):
+        model = build_model(config, spec.task, nnx.Rngs(config.seed))
+        _, trained, _ = split_model(model)  # under LoRA the random base is dropped (never computed: XLA prunes it)
+        params = weights if weights is not None and not spec.lora else nnx.to_pure_dict(trained)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": spec.tx.init(params),
+                 "ema": jax.tree.map(jnp.copy, params), "lr_scale": jnp.ones((), jnp.float32)}
+        if spec.lora:
+            state["base_fingerprint"] = lora.fingerprint(weights)
+        return state
+    return jax.jit(init, out_shardings=spec.shardings)(weights)
 
 
 def count_params(tree) -> int:

@@ -21,13 +21,22 @@ def _batch_shardings(mesh, batch_example: dict) -> dict:
     return {k: sharding.batch_sharding(mesh) for k, _ in sharding.device_items(batch_example)}
 
 
+def _model_and_frozen(spec: StateSpec, params, frozen):
+    """(model, the task's frozen arrays): under LoRA, `frozen` also carries the base weights the adapters
+    (params) are merged with."""
+    if spec.lora:
+        return nnx.merge(spec.graphdef, params, frozen["base"]), frozen["task"]
+    return nnx.merge(spec.graphdef, params), frozen
+
+
 def make_train_step(config, spec: StateSpec, batch_example: dict):
     """Returns train_step(state, batch, frozen) -> (state, metrics), jitted with donated state.
 
     The noise key is fold_in(seed, step): the same step sees the same noise whether or not the run
-    was interrupted, which is what makes resumed training bitwise-identical.
+    was interrupted, which is what makes resumed training bitwise-identical. Under LoRA only the adapters
+    (state["params"]) are differentiated and updated; the base weights in `frozen` never change.
     """
-    graphdef, tx, task = spec.graphdef, spec.tx, spec.task
+    tx, task = spec.tx, spec.task
     base_key = jax.random.key(config.seed)
     skip_nonfinite = config.get("nonfinite", "stop") == "skip"
 
@@ -35,7 +44,8 @@ def make_train_step(config, spec: StateSpec, batch_example: dict):
         key = jax.random.fold_in(base_key, state["step"])
 
         def loss_fn(params):
-            return task.loss(nnx.merge(graphdef, params), frozen, batch, key, state["step"])
+            model, task_frozen = _model_and_frozen(spec, params, frozen)
+            return task.loss(model, task_frozen, batch, key, state["step"])
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -50,7 +60,8 @@ def make_train_step(config, spec: StateSpec, batch_example: dict):
         if skip_nonfinite:  # config.nonfinite="skip": a non-finite step leaves the state as it was
             new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, {k: state[k] for k in new})
         metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": 1.0 - finite.astype(jnp.float32), **aux}
-        return {"step": state["step"] + 1, **new, "lr_scale": state["lr_scale"]}, metrics
+        # Whatever else the state holds (lr_scale; base_fingerprint under LoRA) passes through unchanged.
+        return {**state, **new, "step": state["step"] + 1}, metrics
 
     replicated = NamedSharding(spec.mesh, P())
     return jax.jit(train_step, in_shardings=(spec.shardings, _batch_shardings(spec.mesh, batch_example),
@@ -60,12 +71,13 @@ def make_train_step(config, spec: StateSpec, batch_example: dict):
 
 def make_eval_step(config, spec: StateSpec, batch_example: dict):
     """Returns eval_metrics(params, batch, frozen, index) -> dict of scalars, with fixed noise per index."""
-    graphdef, task = spec.graphdef, spec.task
+    task = spec.task
     base_key = jax.random.key(config.seed + 1)
 
     def eval_step(params, batch, frozen, index):
         key = jax.random.fold_in(base_key, index)
-        return task.eval_metrics(nnx.merge(graphdef, params), frozen, batch, key)
+        model, task_frozen = _model_and_frozen(spec, params, frozen)
+        return task.eval_metrics(model, task_frozen, batch, key)
 
     replicated = NamedSharding(spec.mesh, P())
     return jax.jit(eval_step, in_shardings=(spec.param_shardings, _batch_shardings(spec.mesh, batch_example),
