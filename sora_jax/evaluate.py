@@ -90,6 +90,10 @@ class EvalJob:
 
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
+        if config.get("lora") is not None and config.lora.rank > 0:
+            raise ConfigError(f"{workdir} is a LoRA run (its checkpoints hold adapters only), which the evaluation "
+                              "job cannot score yet. Sample it (python -m sora_jax.sample folds the adapters into "
+                              "config.init_from's base) or evaluate the base with a fine-tune's merged weights.")
         self.task = build_task(config)
         validate(config, self.task)
         self.evaluators = build_evaluators(config)

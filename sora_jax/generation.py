@@ -97,10 +97,18 @@ class Sampler:
         abstract_model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
         graphdef, abstract = nnx.split(abstract_model, nnx.Param)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                                nnx.to_pure_dict(abstract))
-        step, params = ckpt.restore_params_newest_good(abstract, "ema" if use_ema else "params")
-        ckpt.close()
+        which = "ema" if use_ema else "params"
+        try:
+            if config.get("lora") is not None and config.lora.rank > 0:
+                # Adapters only in the checkpoints: folded into config.init_from's base weights.
+                from sora_jax.train.init_from import merged_lora_params
+                step, params = merged_lora_params(config, ckpt, which, device)
+            else:
+                abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                        nnx.to_pure_dict(abstract))
+                step, params = ckpt.restore_params_newest_good(abstract, which)
+        finally:
+            ckpt.close()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints reads back (each one's problem is "
                                     "printed above). Training again there moves the damaged steps aside and "

@@ -84,6 +84,46 @@ def _is_adapter(path):
     return "lora_a" in path or "lora_b" in path
 
 
+def _merged_by_hand(trained_workdir, lora_run):
+    """({path: array} of the LoRA run's final EMA adapters folded into its base, {path: array} of the base)."""
+    state, base = _final_state(lora_run, 4)[0], _final_state(trained_workdir, 4)[0]["ema"]
+    config = smoke_config(init_from=trained_workdir, **LORA)
+    graphdef, adapters_like, base_like = split_model(nnx.eval_shape(lambda: build_model(config, build_task(config),
+                                                                                    nnx.Rngs(0))))
+    as_tree = lambda like, restored: jax.tree.unflatten(  # noqa: E731 -- orbax keys block indices by string
+        jax.tree.structure(nnx.to_pure_dict(like)), [jnp.asarray(x) for x in jax.tree.leaves(restored)])
+    merged = _leaves(lora.merged_params(nnx.merge(graphdef, as_tree(adapters_like, state["ema"]),
+                                                  as_tree(base_like, base))))
+    return merged, _leaves(as_tree(base_like, base))
+
+
+def test_a_lora_run_samples_with_its_adapters_folded_into_the_base(trained_workdir, finetuned, lora_run, tmp_path):
+    from sora_jax.generation import Sampler
+    sampler = Sampler.from_workdir(lora_run)
+    assert sampler.checkpoint_step == 4
+    merged, _ = _merged_by_hand(trained_workdir, lora_run)
+    got = _leaves(sampler.params)
+    assert got.keys() == merged.keys()
+    for path, x in merged.items():
+        np.testing.assert_allclose(got[path], x, rtol=0, atol=1e-6, err_msg=path)
+    video = sampler.generate(["a red circle moving right"], 16, 16, 2, steps=2, progress=False)
+    assert video.shape == (1, 2, 16, 16, 3)
+    # The base in config.init_from replaced by other weights of the same shapes: refused, not sampled.
+    moved = shutil.copytree(lora_run, str(tmp_path / "moved"))
+    with open(os.path.join(moved, "config.json")) as f:
+        stored = json.load(f)
+    stored["init_from"] = finetuned
+    with open(os.path.join(moved, "config.json"), "w") as f:
+        json.dump(stored, f)
+    with pytest.raises(CheckpointMismatchError, match="trained on other base weights"):
+        Sampler.from_workdir(moved)
+    # The evaluation job does not fold adapters yet: it says so rather than failing somewhere inside.
+    from sora_jax.config_validation import ConfigError
+    from sora_jax.evaluate import EvalJob, load_config
+    with pytest.raises(ConfigError, match="is a LoRA run"):
+        EvalJob(load_config(lora_run), lora_run)
+
+
 def test_lora_trains_and_checkpoints_only_adapters(trained_workdir, lora_run):
     source = _history(trained_workdir)[-1]
     history = _history(lora_run)
@@ -108,15 +148,7 @@ def test_lora_trains_and_checkpoints_only_adapters(trained_workdir, lora_run):
     assert any(not np.array_equal(first[p], params[p]) for p in params if "lora_a" in p)
     # The weights the trained model computes with: the base bitwise wherever no adapter is, elsewhere the
     # base kernel plus alpha / rank * A B, which training moved.
-    base = _final_state(trained_workdir, 4)[0]["ema"]
-    config = smoke_config(init_from=trained_workdir, **LORA)
-    graphdef, adapters_like, base_like = split_model(nnx.eval_shape(lambda: build_model(config, build_task(config),
-                                                                                    nnx.Rngs(0))))
-    as_tree = lambda like, restored: jax.tree.unflatten(  # noqa: E731 -- orbax keys block indices by string
-        jax.tree.structure(nnx.to_pure_dict(like)), [jnp.asarray(x) for x in jax.tree.leaves(restored)])
-    merged = _leaves(lora.merged_params(nnx.merge(graphdef, as_tree(adapters_like, state["ema"]),
-                                                  as_tree(base_like, base))))
-    base = _leaves(as_tree(base_like, base))
+    merged, base = _merged_by_hand(trained_workdir, lora_run)
     assert merged.keys() == base.keys()
     adapted = [p for p in base if "'kernel'" in p and any(f"'{layer}']['kernel'" in p for layer in
                                                           ("q", "k", "v", "out", "fc1", "fc2")) and "blocks" in p]

@@ -66,11 +66,6 @@ class DiTTask:
         s = self.config.sample
         if s.num_prompts <= 0:
             return {}
-        if self.config.get("lora") is not None and self.config.lora.rank > 0:
-            # The checkpoints hold only adapters; the sampler reads whole models from a work dir.
-            print("No samples: a LoRA run's checkpoints hold only its adapters. Merge them into the base "
-                  "(sora_jax.convert.diffusers_wan.save_diffusers_transformer) to sample.", flush=True)
-            return {}
         prompts, procedural = pipeline.sample_prompts(self.config, s.num_prompts)
         if not prompts:
             return {}

@@ -122,3 +122,42 @@ def load_weights(config, abstract: Any) -> Any:
     if jax.process_index() == 0:
         print(f"Weights from {what} (config.init_from).", flush=True)
     return params
+
+
+def merged_lora_params(config, ckpt, which: str, device_sharding) -> tuple[int | None, Any]:
+    """(step, the plain model's parameters) of a LoRA run: its newest readable adapters folded into the base.
+
+    For read-only jobs (sampling, evaluation) on a LoRA work dir, whose checkpoints hold adapters only.
+
+    Args:
+      config: the LoRA run's config (its config.init_from holds the base weights).
+      ckpt: the work dir's read-only Checkpointer.
+      which: "ema" or "params" adapters.
+      device_sharding: where the parameters go (e.g. one device for the sampler).
+    Returns:
+      (None, None) when no step reads back.
+    Raises:
+      CheckpointMismatchError: config.init_from now holds other weights than the adapters were trained on.
+    """
+    from flax import nnx
+
+    from sora_jax.models import lora
+    from sora_jax.tasks import build_task
+    from sora_jax.train.state import build_model, split_model
+    task = build_task(config)
+    graphdef, trained, base = split_model(nnx.eval_shape(lambda: build_model(config, task, nnx.Rngs(0))))
+    place = lambda state: jax.tree.map(  # noqa: E731
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device_sharding), nnx.to_pure_dict(state))
+    step, adapters = ckpt.restore_params_newest_good(place(trained), which)
+    if step is None:
+        return None, None
+    weights = load_weights(config, place(base))
+    stored = ckpt.restore_params(step, jax.ShapeDtypeStruct(
+        jax.eval_shape(lora.fingerprint, weights).shape, np.float32, sharding=device_sharding), "base_fingerprint")
+    if not np.allclose(np.asarray(stored), np.asarray(jax.jit(lora.fingerprint)(weights)), rtol=1e-4, atol=1e-7):
+        raise CheckpointMismatchError(
+            f"{ckpt.workdir} holds LoRA adapters (step {step}) trained on other base weights than config.init_from="
+            f"{config.init_from} holds now (the base fingerprints differ); restore that base to sample from them.")
+    nnx.replace_by_pure_dict(trained, adapters)
+    nnx.replace_by_pure_dict(base, weights)
+    return step, lora.merged_params(nnx.merge(graphdef, trained, base))
