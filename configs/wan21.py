@@ -28,9 +28,16 @@ divided by mesh.context):
   python -m sora_jax.aot --config=configs/wan21.py:1.3B --topology=v5p-8 --config.data.global_batch_rows=4
   python -m sora_jax.aot --config=configs/wan21.py:14B --topology=v5p-32 --config.data.global_batch_rows=8
 
-Not wired yet: training and sampling from this config need caption features in the batch
-(config.text.encoder = "precomputed"), and image-to-video its conditioning, which no data source or
-sampler produces today.
+Training and sampling text-to-video need umT5 caption features (config.text.encoder = "precomputed"). Give a
+local umT5 encoder directory and its tokenizer and the DiT task computes them inside the step with the encoder
+frozen (the sampler alike), from the caption ids the data pipeline tokenizes:
+  --config.text.tokenizer=hf --config.text.path=Wan2.1-T2V-1.3B-Diffusers/text_encoder \
+  --config.text.tokenizer_path=Wan2.1-T2V-1.3B-Diffusers/tokenizer
+  (tokenizer_path only where the tokenizer files are not in config.text.path; tests/test_wan_finetune.py runs
+  a tiny fine-tune this way). One difference from Wan's own training remains: its captions were padded to 512
+  slots of zero features that cross-attention also read; ours attend to the real caption tokens only
+  (sora_jax/convert/hf_text.py, encode_captions).
+Not wired yet: image-to-video's conditioning, which no data source or sampler produces today.
 """
 from configs.common import base_config
 from sora_jax.convert.diffusers_wan import dit_config_from_diffusers
@@ -58,6 +65,8 @@ def get_config(arg: str | None = None):
     c.model.update(wan.model)
     c.model.update(attention_block=512 if big else 128, remat="full" if big else "none", scan_layers=big)
     c.text.update(wan.text)
+    # A frozen umT5 for the captions (see above); "" = features come with the batch.
+    c.text.update(path="", tokenizer_path="")
     c.autoencoder.update(name="latent", checkpoint="", channels=wan.channels, stride=(4, 8, 8))
     # Wan's native 480p: 81 frames of 480 x 832 are 21 x 30 x 52 = 32,760 tokens.
     c.data.update(source="latents", sides=(256, 384, 480), frames=(1, 17, 33, 81), seq_len=32768,

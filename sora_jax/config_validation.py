@@ -10,6 +10,7 @@ from sora_jax.layers.common import DTYPES
 from sora_jax.layers.rope import split_pairs
 from sora_jax.models.autoencoder import AUTOENCODERS, build_autoencoder
 from sora_jax.models.dit import REMAT_POLICIES, model_options
+from sora_jax.models.text import TOKENIZERS, frozen_encoder_path, hf_tokenizer_path
 
 
 class ConfigError(ValueError):
@@ -149,6 +150,7 @@ def validate_dit(config) -> None:
         raise ConfigError(str(e)) from None
     _require(config.text.width % config.text.heads == 0,
              f"config.text.width={config.text.width} is not divisible by config.text.heads={config.text.heads}.")
+    _check_text(config.text)
 
     d = config.data
     if d.source == "latents":
@@ -179,6 +181,37 @@ def validate_dit(config) -> None:
     s = config.sample
     _require(s.steps > 0, f"config.sample.steps={s.steps} must be > 0.")
     check_video_size(config, s.width, s.height, s.frames, what="config.sample: ")
+
+
+def _check_text(text) -> None:
+    """The tokenizer's and a frozen caption encoder's directory (config.text.path), read before any weight is."""
+    import json
+    import os
+    path, tokenizer_path = text.get("path", ""), hf_tokenizer_path(text)
+    _require(text.tokenizer in TOKENIZERS,
+             f"config.text.tokenizer={text.tokenizer!r}; choose one of {sorted(TOKENIZERS)}.")
+    if text.tokenizer == "hf":
+        _require(bool(tokenizer_path) and os.path.isdir(tokenizer_path),
+                 f"config.text.tokenizer='hf' reads its tokenizer from config.text.tokenizer_path or config.text.path, "
+                 f"but {tokenizer_path!r} is not a directory; pass a local Hugging Face model directory (what "
+                 "save_pretrained writes).")
+    if not frozen_encoder_path(text):
+        return
+    # A frozen pretrained encoder (sora_jax.convert.hf_text.frozen_text_encoder) computes the features.
+    _require(os.path.isdir(path), f"config.text.path={path!r} is not a directory; pass the local Hugging Face "
+                                  "directory of the frozen caption encoder (config.json, *.safetensors, tokenizer).")
+    config_json = os.path.join(path, "config.json")
+    _require(os.path.isfile(config_json), f"config.text.path={path!r} has no config.json; pass a Hugging Face T5 / "
+                                          "umT5 encoder directory (save_pretrained or a downloaded snapshot).")
+    with open(config_json) as f:
+        width = json.load(f).get("d_model")
+    _require(width == text.width,
+             f"the caption encoder in config.text.path={path!r} emits {width}-wide features but config.text.width="
+             f"{text.width} (the model's caption input, Wan's text_dim); use an encoder of that width or a model "
+             "built for it.")
+    _require(text.tokenizer == "hf",
+             f"config.text.path={path!r} names a frozen caption encoder, which reads the ids of its own tokenizer: "
+             f"set config.text.tokenizer='hf' (not {text.tokenizer!r}).")
 
 
 _SOURCE_NAMES = ("procedural", "latents", "folder", "records", "tfds", "mixture")

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from sora_jax import patching
 from sora_jax.config_validation import ConfigError, check_video_size
+from sora_jax.convert.hf_text import caption_encoder_of, encode_captions
 from sora_jax.diffusion.flow import predict_velocity, token_shift
 from sora_jax.diffusion.solvers import euler_sample, guided_velocity, timesteps
 from sora_jax.models import build_model
@@ -82,6 +83,9 @@ class Sampler:
         self.autoencoder = build_autoencoder(config.autoencoder)
         self.patch = tuple(config.model.patch)
         self._step = jax.jit(self._euler_step, static_argnames=("guidance",))
+        # A frozen caption encoder (config.text.path): the very one, and the same features, as in training.
+        self._caption_encoder = caption_encoder_of(config)
+        self._encode_captions = jax.jit(encode_captions, static_argnums=0)
 
     @classmethod
     def from_workdir(cls, workdir: str, use_ema: bool = True) -> "Sampler":
@@ -126,6 +130,21 @@ class Sampler:
                 self.config.flow)
         return x + dt * guided_velocity(velocity, x, t, guidance)
 
+    def caption_inputs(self, prompts) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(text, text_segments, text_positions), one prompt per row of config.text.max_len slots: token ids
+        [P, max_len], or with a frozen caption encoder (config.text.path) its features [P, max_len, width]."""
+        max_len = self.config.text.max_len
+        text = np.zeros((len(prompts), max_len), np.int32)
+        text_seg = np.zeros((len(prompts), max_len), np.int32)
+        for i, prompt in enumerate(prompts):
+            ids = self.tokenizer.encode(prompt, max_len)
+            text[i, :len(ids)], text_seg[i, :len(ids)] = ids, 1
+        positions = jnp.asarray(np.broadcast_to(np.arange(max_len, dtype=np.int32), text.shape))
+        text, text_seg = jnp.asarray(text), jnp.asarray(text_seg)
+        if self._caption_encoder is not None:
+            text = self._encode_captions(self._caption_encoder[0], self._caption_encoder[1], text, text_seg, positions)
+        return text, text_seg, positions
+
     def generate(self, prompts, width: int, height: int, frames: int, steps: int = 30,
                  guidance: float = 3.0, seed: int = 0, progress: bool = True, fps: float = 0.0) -> np.ndarray:
         """Generates uint8 videos [P, frames, height, width, 3], one per prompt.
@@ -136,17 +155,11 @@ class Sampler:
         grid = check_request(self.config, prompts, width, height, frames, steps)
         n, p = int(np.prod(grid)), len(prompts)
         dim = int(np.prod(self.patch)) * self.autoencoder.channels
-        max_len = self.config.text.max_len
-        text = np.zeros((p, max_len), np.int32)
-        text_seg = np.zeros((p, max_len), np.int32)
-        for i, prompt in enumerate(prompts):
-            ids = self.tokenizer.encode(prompt, max_len)
-            text[i, :len(ids)], text_seg[i, :len(ids)] = ids, 1
+        text, text_segments, text_positions = self.caption_inputs(prompts)
         inputs = PackedInputs(
             tokens=None, positions=jnp.asarray(np.broadcast_to(patching.positions(grid), (p, n, 3))),
             segments=jnp.ones((p, n), jnp.int32), t=jnp.ones((p, 1), jnp.float32),
-            text=jnp.asarray(text), text_segments=jnp.asarray(text_seg),
-            text_positions=jnp.asarray(np.broadcast_to(np.arange(max_len, dtype=np.int32), (p, max_len))),
+            text=text, text_segments=text_segments, text_positions=text_positions,
             drop_text=jnp.zeros((p, 1), bool),
             # Images are 1-frame samples with no frame rate, as the data pipeline records them.
             meta=jnp.asarray(np.broadcast_to(np.asarray([fps if frames > 1 else 0.0, height, width,

@@ -5,9 +5,14 @@ model.safetensors.index.json) and the tokenizer files. Pickle weights (.bin, .pt
 loading them can run arbitrary code. Only the encoder is read; a full encoder-decoder checkpoint's
 decoder.* and lm_head.* tensors are skipped. Every other tensor must map onto a parameter with the same
 shape, and every parameter must be filled; otherwise the error names the tensor and both shapes.
+
+`caption_encoder_of` (over `frozen_text_encoder`) and `encode_captions` serve training and sampling with a
+frozen encoder (config.text.path): the DiT task and the Sampler load it through the same cached function and
+compute the same features.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -18,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from sora_jax.models.t5 import T5Encoder, T5EncoderConfig
+from sora_jax.models.text import frozen_encoder_path
 from sora_jax.safetensors_io import PICKLE_SUFFIXES
 
 SUPPORTED_MODEL_TYPES = ("t5", "umt5")
@@ -236,3 +242,44 @@ def load_hf_text_encoder(path: str, dtype=jnp.float32, param_dtype=None, tokeniz
     encoder = nnx.merge(graphdef, params, rest)
     encoder.tokenizer = tokenizer  # a plain attribute: NNX leaves non-array objects out of the state
     return encoder
+
+
+@functools.lru_cache(maxsize=None)
+def frozen_text_encoder(path: str, dtype: str = "float32", tokenizer_path: str = "") -> tuple[nnx.GraphDef, dict]:
+    """(graphdef, params as a pure dict) of the encoder in `path`, read once per process and dtype.
+
+    The parameters are in `dtype` too (bfloat16 for a bfloat16 model: umT5-XXL is 5.7B parameters, and the
+    trainer replicates frozen arrays on every device). The tokenizer (in `tokenizer_path`, or `path`) is
+    checked to be there but not kept: config.text.tokenizer = "hf" reads it; dropping it keeps the graphdef
+    hashable, as jit's static arguments must be.
+    """
+    encoder = load_hf_text_encoder(path, dtype=jnp.dtype(dtype), tokenizer_path=tokenizer_path or None)
+    del encoder.tokenizer
+    graphdef, params, rest = nnx.split(encoder, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise TypeError(f"the text encoder of {path} holds state besides its parameters.")
+    return graphdef, nnx.to_pure_dict(params)
+
+
+def caption_encoder_of(config) -> tuple[nnx.GraphDef, dict] | None:
+    """frozen_text_encoder of config.text.path in config.model.dtype; None when the config has no frozen caption
+    encoder (sora_jax.models.text.frozen_encoder_path). The DiT task and the Sampler both get theirs here."""
+    path = frozen_encoder_path(config.text)
+    if not path:
+        return None
+    return frozen_text_encoder(path, config.model.dtype, config.text.get("tokenizer_path", ""))
+
+
+def encode_captions(graphdef: nnx.GraphDef, params: dict, ids: jax.Array, segments: jax.Array,
+                    positions: jax.Array) -> jax.Array:
+    """Caption features [B, Lt, d_model] of packed token ids [B, Lt] from a frozen encoder (no gradient).
+
+    Each caption is encoded on its own tokens only (its segment) and cross-attention later reads only those.
+    Known limitation: Wan 2.1 was trained (and diffusers' WanPipeline samples) with every caption padded to 512
+    slots whose features past the caption are zero, and its cross-attention attends to all 512; here a sample
+    attends to its real caption tokens alone. The 512 - n zero slots a pretrained Wan expects (each the same key
+    and value: those of its caption MLP's output for zero features) are missing from its softmax, so it sees
+    somewhat different conditioning until fine-tuning adapts it. Not implemented: padding to 512 slots.
+    """
+    encoder = nnx.merge(graphdef, params)
+    return jax.lax.stop_gradient(encoder(ids, segments, positions))

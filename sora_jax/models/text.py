@@ -2,13 +2,19 @@
 
 A text encoder maps (token ids, segment ids, positions) [B, Lt] to embeddings [B, Lt, out_dim]. The
 tiny trainable encoder here serves the procedural captions; pretrained encoders (T5/umT5) plug into the
-same registry and may instead be run offline, feeding cached embeddings.
+same registry and may instead be run offline, feeding cached embeddings, or frozen inside the train step
+(config.text.encoder = "precomputed" with config.text.path; sora_jax.convert.hf_text.frozen_text_encoder).
+
+Tokenizers (config.text.tokenizer): "words" and "bytes" need nothing but the config; "hf" reads the
+Hugging Face tokenizer saved in config.text.tokenizer_path or config.text.path (e.g. umT5's, for a frozen
+pretrained encoder).
 """
 from __future__ import annotations
 
 import functools
 import logging
 import re
+import threading
 from typing import Protocol, Sequence
 
 import jax
@@ -41,6 +47,11 @@ class WordTokenizer:
         self.index = {w: i for i, w in enumerate(self.words)}
         self.vocab_size = len(self.words)
 
+    @classmethod
+    def from_config(cls, text_cfg) -> "WordTokenizer":
+        """Over config.text.vocabulary."""
+        return cls(list(text_cfg.vocabulary))
+
     def unknown_words(self, text: str) -> list[str]:
         return [w for w in re.findall(r"[a-z0-9']+", text.lower()) if w not in self.index]
 
@@ -60,6 +71,12 @@ class ByteTokenizer:
         del vocabulary
         self.vocab_size = len(_SPECIALS) + 256
 
+    @classmethod
+    def from_config(cls, text_cfg) -> "ByteTokenizer":
+        """Needs nothing from the config."""
+        del text_cfg
+        return cls()
+
     def encode(self, text: str, max_len: int) -> np.ndarray:
         """Token ids (<= max_len, truncated at the end), int32."""
         ids = [BOS] + [len(_SPECIALS) + b for b in text.encode("utf-8")]
@@ -68,14 +85,80 @@ class ByteTokenizer:
         return np.asarray(ids[:max_len], np.int32)
 
 
-TOKENIZERS = {"words": WordTokenizer, "bytes": ByteTokenizer}
+# Truncation settings live in the Rust tokenizer, shared by every HFTokenizer of a path (_hf_tokenizer is cached),
+# and a call may change them: grain's reader threads must not interleave their calls.
+_HF_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _hf_tokenizer(path: str):
+    """The Hugging Face tokenizer in `path`, read once per process (umT5's takes seconds), never downloaded."""
+    from transformers import AutoTokenizer  # heavy, and only this tokenizer needs it
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer read from a local directory (config.text.path): the one a pretrained text
+    encoder was trained with, special tokens included (umT5 ends every caption with </s>).
+
+    `vocabulary` is ignored: the tokenizer brings its own. Captions longer than max_len are truncated by the
+    tokenizer itself, which keeps its special tokens (umT5's </s> stays last).
+    """
+
+    def __init__(self, path: str):
+        import os
+        if not path or not os.path.isdir(path):
+            raise ValueError(f"config.text.tokenizer='hf' needs config.text.path (or tokenizer_path) = a local "
+                             "Hugging Face directory holding the tokenizer files (tokenizer.json or spiece.model); "
+                             f"got {path!r}.")
+        self.path = path
+        self.tokenizer = _hf_tokenizer(path)
+        self.vocab_size = len(self.tokenizer)  # added tokens included: every id it can emit
+
+    @classmethod
+    def from_config(cls, text_cfg) -> "HFTokenizer":
+        """From config.text.tokenizer_path, or config.text.path when that is unset."""
+        return cls(hf_tokenizer_path(text_cfg))
+
+    def __getstate__(self):  # grain's worker processes get the path and read the tokenizer themselves (cached)
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+    def encode(self, text: str, max_len: int) -> np.ndarray:
+        """Token ids with the model's special tokens (<= max_len, truncated at the end), int32."""
+        with _HF_LOCK:
+            full = self.tokenizer(text)["input_ids"]
+            ids = full if len(full) <= max_len else self.tokenizer(text, truncation=True, max_length=max_len)[
+                "input_ids"]
+        if len(full) > max_len:
+            logging.info("caption %r has %d tokens; truncated to %d.", text[:40], len(full), max_len)
+        return np.asarray(ids, np.int32)
+
+
+def hf_tokenizer_path(text_cfg) -> str:
+    """Where the "hf" tokenizer's files are: config.text.tokenizer_path, else config.text.path (a diffusers
+    pipeline keeps them in tokenizer/ beside text_encoder/)."""
+    return text_cfg.get("tokenizer_path", "") or text_cfg.get("path", "")
+
+
+def frozen_encoder_path(text_cfg) -> str:
+    """config.text.path when a frozen pretrained encoder (sora_jax.convert.hf_text.frozen_text_encoder) turns the
+    batch's caption ids into the features a "precomputed"-text model reads, inside the step; "" otherwise
+    (the features, if any, come with the batch)."""
+    return text_cfg.get("path", "") if text_cfg.encoder == "precomputed" else ""
+
+
+# name -> class with from_config(config.text), encode(text, max_len) and vocab_size.
+TOKENIZERS = {"words": WordTokenizer, "bytes": ByteTokenizer, "hf": HFTokenizer}
 
 
 def build_tokenizer(text_cfg) -> Tokenizer:
-    """The tokenizer named by config.text.tokenizer, over config.text.vocabulary."""
+    """The tokenizer named by config.text.tokenizer (over config.text.vocabulary, or read from config.text.path)."""
     if text_cfg.tokenizer not in TOKENIZERS:
         raise ValueError(f"config.text.tokenizer={text_cfg.tokenizer!r}; choose one of {sorted(TOKENIZERS)}.")
-    return TOKENIZERS[text_cfg.tokenizer](list(text_cfg.vocabulary))
+    return TOKENIZERS[text_cfg.tokenizer].from_config(text_cfg)
 
 
 class _EncoderLayer(nnx.Module):

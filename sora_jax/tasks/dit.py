@@ -1,4 +1,9 @@
-"""The DiT task: rectified flow on NaViT-packed latent tokens of captioned videos."""
+"""The DiT task: rectified flow on NaViT-packed latent tokens of captioned videos.
+
+With config.text.encoder = "precomputed" and config.text.path set (configs/wan21.py with umT5), a frozen
+pretrained text encoder turns the batch's caption ids (config.text.tokenizer = "hf") into features inside the
+step; its parameters are the task's frozen arrays, replicated on every device and never differentiated.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -6,6 +11,7 @@ import numpy as np
 from data_pipelines import pipeline
 from data_pipelines.media import SKIP_REASONS
 from sora_jax.config_validation import validate_dit, validate_dit_for_mesh
+from sora_jax.convert.hf_text import caption_encoder_of, encode_captions
 from sora_jax.diffusion.flow import flow_loss
 from sora_jax.models import build_model
 
@@ -29,7 +35,19 @@ class DiTTask:
         return build_model(self.config, rngs)
 
     def frozen(self):
-        return {}
+        """{"text_encoder": params} with a frozen caption encoder (config.text.path), else {}."""
+        encoder = caption_encoder_of(self.config)
+        return {} if encoder is None else {"text_encoder": encoder[1]}
+
+    def _with_caption_features(self, frozen, batch: dict) -> dict:
+        """The batch with its caption ids replaced by the frozen encoder's features, when there is one."""
+        encoder = caption_encoder_of(self.config)
+        if encoder is None:
+            return batch
+        # The params come in through `frozen` (a jit argument, replicated), not the cache: no baked-in constants.
+        features = encode_captions(encoder[0], frozen["text_encoder"], batch["text"], batch["text_segment_ids"],
+                                   batch["text_positions"])
+        return {**batch, "text": features}
 
     def train_data(self, process_index: int, process_count: int, start: int = 0):
         return pipeline.packed_dataset(self.config, "train", process_index, process_count, start)
@@ -41,12 +59,13 @@ class DiTTask:
         return pipeline.eval_batches(self.config, self.config.eval_batches, process_index, process_count)
 
     def loss(self, model, frozen, batch, key, step):
-        del frozen, step
+        del step
+        batch = self._with_caption_features(frozen, batch)
         loss, aux = flow_loss(model, batch, key, self.config.flow, self.config.flow.caption_dropout)
         return loss, {"count": aux["real_tokens"]}
 
     def eval_metrics(self, model, frozen, batch, key) -> dict:
-        del frozen
+        batch = self._with_caption_features(frozen, batch)
         loss, _ = flow_loss(model, batch, key, self.config.flow, caption_dropout=0.0)
         return {"loss": loss}
 
