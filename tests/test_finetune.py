@@ -24,7 +24,7 @@ from sora_jax.train.checkpointing import CheckpointMismatchError
 from sora_jax.train.loop import train_and_evaluate
 from sora_jax.train.state import build_model, split_model, state_spec
 from tests.conftest import smoke_config, with_overrides
-from tests.test_train import _final_state
+from tests.test_train import _final_state, assert_same_final_state
 from tests.test_wan_parity import TINY, _rel_err, _torch_wan
 
 LORA = {"lora.rank": 4, "lora.alpha": 8.0}
@@ -168,12 +168,7 @@ def test_lora_resume_is_bitwise_identical(trained_workdir, lora_run, tmp_path):
     shutil.rmtree(os.path.join(split, "checkpoints", "4"))
     summary = train_and_evaluate(smoke_config(init_from=trained_workdir, **LORA), split)
     assert summary["step"] == 4 and "val_loss_initial" in summary
-    (a, data_a), (b, data_b) = _final_state(lora_run, 4), _final_state(split, 4)
-    assert data_a == data_b
-    leaves_a, leaves_b = _leaves(a), _leaves(b)
-    assert sorted(leaves_a) == sorted(leaves_b)
-    for path, x in leaves_a.items():
-        np.testing.assert_array_equal(x, leaves_b[path], err_msg=path)
+    assert_same_final_state(lora_run, split, 4)
 
 
 def test_lora_checkpoint_of_another_base_is_refused(lora_run, finetuned, tmp_path, monkeypatch):

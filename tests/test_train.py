@@ -23,6 +23,17 @@ def _final_state(workdir, step):
     return state, data
 
 
+def assert_same_final_state(workdir_a, workdir_b, step):
+    """The two work dirs' checkpoints at `step` are bitwise equal: every state leaf and the iterator state."""
+    (a, data_a), (b, data_b) = _final_state(workdir_a, step), _final_state(workdir_b, step)
+    assert data_a == data_b
+    leaves_a = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(a)}
+    leaves_b = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(b)}
+    assert sorted(leaves_a) == sorted(leaves_b)
+    for path, x in leaves_a.items():
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(leaves_b[path]), err_msg=path)
+
+
 def test_resume_is_bitwise_identical(tmp_path):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     train_and_evaluate(smoke_config(total_steps=4, checkpoint_every_steps=2), straight)

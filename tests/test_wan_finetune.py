@@ -32,7 +32,7 @@ from sora_jax.tasks import build_task
 from sora_jax.train import loop
 from sora_jax.train.loop import train_and_evaluate
 from tests.conftest import with_overrides
-from tests.test_train import _final_state
+from tests.test_train import _final_state, assert_same_final_state
 
 WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=3, out_channels=3,
            text_dim=32, freq_dim=256, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
@@ -165,12 +165,7 @@ def test_resume_is_bitwise_identical(dirs, full_run, tmp_path):
     split = shutil.copytree(full_run, str(tmp_path / "split"))
     shutil.rmtree(os.path.join(split, "checkpoints", "4"))
     assert train_and_evaluate(_config(dirs), split)["step"] == 4
-    (a, data_a), (b, data_b) = _final_state(full_run, 4), _final_state(split, 4)
-    assert data_a == data_b
-    leaves_a, leaves_b = _leaves(a), _leaves(b)
-    assert sorted(leaves_a) == sorted(leaves_b)
-    for path, x in leaves_a.items():
-        np.testing.assert_array_equal(x, leaves_b[path], err_msg=path)
+    assert_same_final_state(full_run, split, 4)
 
 
 def test_lora_trains_only_adapters(full_run, lora_run):
