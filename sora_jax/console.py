@@ -123,20 +123,29 @@ def _open_log(log_file: str, create_dir: bool):
         return fallback, open(fallback, "a", encoding="utf-8")
 
 
-class _DeferredLog:
-    """A log stream that holds what is written until commit() opens the file (see setup_logging(deferred))."""
+class _LogStream:
+    """The log file's stream; with `deferred`, it holds what is written until commit() opens the file
+    (see setup_logging(deferred)).
 
-    def __init__(self, log_file: str, create_dir: bool):
+    Records that arrive once the file is closed are dropped rather than raising: at interpreter exit
+    asyncio may report a task that the garbage collector reaches only after the file was finalized (a
+    checkpoint write the OS refused, already reported), and logging would print a "Logging error" page
+    under the command's one-line error.
+    """
+
+    def __init__(self, log_file: str, create_dir: bool, deferred: bool):
         self.log_file, self.create_dir, self.held, self.file = log_file, create_dir, [], None
+        if not deferred:
+            self.commit()
 
     def write(self, text: str) -> None:
         if self.file is None:
             self.held.append(text)
-        else:
+        elif not self.file.closed:
             self.file.write(text)
 
     def flush(self) -> None:
-        if self.file is not None:
+        if self.file is not None and not self.file.closed:
             self.file.flush()
 
     def commit(self) -> str:
@@ -158,7 +167,7 @@ def commit_log() -> None:
     rejected command leaves the work dir byte-identical. An unexpected error commits it too (the log file
     then holds the traceback)."""
     stream = _state["stream"]
-    if isinstance(stream, _DeferredLog):
+    if isinstance(stream, _LogStream):
         _state["log_file"] = stream.commit()
 
 
@@ -182,13 +191,11 @@ def setup_logging(log_file: str, verbose: bool = False, create_dir: bool = True,
     """
     from absl import flags, logging as absl_logging
 
-    held = isinstance(_state["stream"], _DeferredLog) and _state["stream"].file is None
-    if deferred or held:
-        stream = _DeferredLog(log_file, create_dir)
-        if held:
-            stream.held = _state["stream"].held
-    else:
-        log_file, stream = _open_log(log_file, create_dir)
+    held = isinstance(_state["stream"], _LogStream) and _state["stream"].file is None
+    stream = _LogStream(log_file, create_dir, deferred=deferred or held)
+    if held:
+        stream.held = _state["stream"].held
+    log_file = stream.log_file  # a temp-dir file when that place is not writable
     handler = absl_logging.get_absl_handler()
     absl_logging.use_absl_handler()  # app.run installs it; a plain script calling this gets it too
     handler.python_handler.stream = stream

@@ -95,3 +95,27 @@ def test_console_lines_are_ours_concise_and_limited(capsys):
     assert lines == ([f"warning: skipped file{i}.mp4 (corrupt)" for i in range(console.MAX_LINES_PER_SITE)]
                      + ["warning: more messages like the last ones go to /w/train.log only.",
                         "error: another site"])
+
+
+_LATE_RECORD = """
+import logging, sys
+from absl import flags
+from sora_jax import console
+flags.FLAGS(["x"])
+console.setup_logging(sys.argv[1], deferred=sys.argv[2] == "deferred")
+console.commit_log()
+logging.warning("before")
+console._state["stream"].file.close()  # as at interpreter exit, before a late task is collected
+logging.getLogger("asyncio").error("Task exception was never retrieved")
+print("done")
+"""
+
+
+@pytest.mark.parametrize("mode", ["deferred", "direct"])
+def test_a_record_after_the_log_file_closed_prints_no_logging_error(tmp_path, mode):
+    log = str(tmp_path / "train.log")
+    r = subprocess.run([sys.executable, "-c", _LATE_RECORD, log, mode], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "done", r.stderr[-2000:]
+    assert "Logging error" not in r.stderr and "closed file" not in r.stderr, r.stderr[-2000:]
+    assert "before" in open(log).read()
