@@ -254,3 +254,19 @@ def test_aot_sizes_the_step_with_the_frozen_encoder(dirs):
     assert aot.dit_batch(config)["text"] == ((8, 32), np.int32)
     report = aot.compile_train_step(config, "cpu:8", hbm_gib=80)
     assert report["fits"] is True
+
+
+def test_the_frozen_encoder_is_sharded_like_the_dit(dirs):
+    """umT5's parameters reach the step sharded by their logical axes (embed over fsdp), not replicated."""
+    from jax.sharding import PartitionSpec as P
+
+    from sora_jax import sharding
+    from sora_jax.train.state import state_spec
+    config = _config(dirs)
+    mesh = sharding.make_mesh(config.mesh)
+    with sharding.use_mesh(mesh, sharding.rules_from_config(config)):
+        spec = state_spec(config, mesh)
+    frozen = spec.frozen_shardings["text_encoder"]
+    assert frozen["embed"]["embedding"].spec == P(None, "fsdp")
+    assert frozen["layers"][0]["ffn"]["wi_0"]["kernel"].spec == P("fsdp", "tensor")
+    assert frozen["layers"][0]["attn"]["relative_bias"].spec == P(None, None)  # a 32 x heads table: replicated

@@ -32,7 +32,11 @@ class Task(Protocol):
         """The trainable nnx.Module (only nnx.Param state)."""
 
     def frozen(self) -> Any:
-        """A pytree of non-trained arrays the loss reads (e.g. perceptual-loss weights), passed replicated."""
+        """A pytree of non-trained arrays the loss reads (e.g. perceptual-loss weights, a frozen text encoder)."""
+
+    def frozen_axes(self) -> Any:
+        """frozen()'s tree with each array's logical axis names (a tuple; () replicates it): the trainer shards
+        frozen arrays by the same rules as parameters."""
 
     def train_data(self, process_index: int, process_count: int, start: int = 0):
         """This host's checkpointable grain IterDataset of training batches (dicts of numpy arrays).

@@ -2,14 +2,17 @@
 
 With config.text.encoder = "precomputed" and config.text.path set (configs/wan21.py with umT5), a frozen
 pretrained text encoder turns the batch's caption ids (config.text.tokenizer = "hf") into features inside the
-step; its parameters are the task's frozen arrays, replicated on every device and never differentiated.
+step; its parameters are the task's frozen arrays, sharded by their logical axes like the DiT's and never
+differentiated.
 """
 from __future__ import annotations
 
 import numpy as np
+from flax import nnx
 
 from data_pipelines import pipeline
 from data_pipelines.media import SKIP_REASONS
+from sora_jax import sharding
 from sora_jax.config_validation import validate_dit, validate_dit_for_mesh
 from sora_jax.convert.hf_text import caption_encoder_of, encode_captions
 from sora_jax.diffusion.flow import flow_loss
@@ -38,6 +41,14 @@ class DiTTask:
         """{"text_encoder": params} with a frozen caption encoder (config.text.path), else {}."""
         encoder = caption_encoder_of(self.config)
         return {} if encoder is None else {"text_encoder": encoder[1]}
+
+    def frozen_axes(self):
+        """The frozen encoder's parameters carry their logical axes (embed, heads, mlp) as the DiT's do: sharded
+        over fsdp and tensor, not replicated (umT5-XXL is 11 GB in bfloat16)."""
+        encoder = caption_encoder_of(self.config)
+        if encoder is None:
+            return {}
+        return {"text_encoder": sharding.logical_axes(nnx.state(nnx.merge(*encoder), nnx.Param))}
 
     def _with_caption_features(self, frozen, batch: dict) -> dict:
         """The batch with its caption ids replaced by the frozen encoder's features, when there is one."""

@@ -105,6 +105,10 @@ class VAETask:
                     raise ConfigError(str(e)) from None
         return self._frozen
 
+    def frozen_axes(self):
+        """The perceptual network is small: replicated."""
+        return {name: jax.tree.map(lambda _: (), tree) for name, tree in self.frozen().items()}
+
     def train_data(self, process_index: int, process_count: int, start: int = 0):
         return clips.clip_dataset(self.config.data, process_index, process_count, start)
 

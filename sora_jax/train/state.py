@@ -68,6 +68,7 @@ class StateSpec:
     # LoRA only: the frozen base weights' ShapeDtypeStructs (with shardings) and their shardings.
     base_abstract: Any = None
     base_shardings: Any = None
+    rules: Any = sharding.DEFAULT_RULES  # the logical-axis rules the shardings above were made under
 
     @property
     def lora(self) -> bool:
@@ -81,8 +82,9 @@ class StateSpec:
 
     @property
     def frozen_shardings(self):
-        """The task's frozen arrays are replicated on every device; LoRA's base weights are sharded."""
-        task = jax.tree.map(lambda _: NamedSharding(self.mesh, P()), self.task.frozen())
+        """The task's frozen arrays and LoRA's base weights, sharded by their logical axes like parameters (a
+        frozen array the task names no axes for is replicated)."""
+        task = sharding.param_shardings(self.task.frozen_axes(), self.task.frozen(), self.mesh, self.rules)
         return {"task": task, "base": self.base_shardings} if self.lora else task
 
     def frozen_inputs(self, task_frozen, base=None):
@@ -148,13 +150,13 @@ def state_spec(config, mesh: Mesh, task=None) -> StateSpec:
     to_abstract = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)  # noqa: E731
     if abstract_base is None:
         abstract = jax.tree.map(to_abstract, shapes, shardings)
-        return StateSpec(graphdef, abstract, shardings, tx, mesh, task, report)
+        return StateSpec(graphdef, abstract, shardings, tx, mesh, task, report, rules=rules)
     # A LoRA checkpoint records which base its adapters belong to (checked on every restore).
     shardings["base_fingerprint"] = replicated
     shapes["base_fingerprint"] = jax.eval_shape(lora.fingerprint, base_pure)
     abstract = jax.tree.map(to_abstract, shapes, shardings)
     return StateSpec(graphdef, abstract, shardings, tx, mesh, task, report,
-                     base_abstract=jax.tree.map(to_abstract, base_pure, base_sh), base_shardings=base_sh)
+                     base_abstract=jax.tree.map(to_abstract, base_pure, base_sh), base_shardings=base_sh, rules=rules)
 
 
 def init_state(config, spec: StateSpec, weights=None) -> dict:
