@@ -1,10 +1,13 @@
 """Reading the latent shards written by `python -m sora_jax.encode` (ArrayRecord, msgpack records)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
 import numpy as np
+
+from sora_jax.models.text import frozen_encoder_path, hf_tokenizer_path
 
 
 def shard_name(k: int, total: int) -> str:
@@ -20,6 +23,59 @@ def _opens(path: str) -> bool:
         return True
     except Exception:
         return False
+
+
+def _folder_fingerprint(path: str) -> str:
+    """A digest of a model folder: config.json's bytes and the name and size of every other file in it."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            continue
+        digest.update(name.encode())
+        if name == "config.json":
+            with open(full, "rb") as f:
+                digest.update(f.read())
+        else:
+            digest.update(str(os.path.getsize(full)).encode())
+    return digest.hexdigest()[:16]
+
+
+def text_features_key(config) -> dict | None:
+    """What cached caption features depend on -- the frozen encoder's weights, its tokenizer, config.text.max_len
+    and the compute dtype -- or None when config.text names no frozen encoder. Folders are identified by their
+    contents (file names and sizes, config.json), not their path: a moved copy still matches."""
+    path = frozen_encoder_path(config.text)
+    if not path:
+        return None
+    return {"encoder": _folder_fingerprint(path), "tokenizer": _folder_fingerprint(hf_tokenizer_path(config.text)),
+            "max_len": int(config.text.max_len), "dtype": str(config.model.dtype)}
+
+
+def cached_text_features(config) -> bool:
+    """Whether training reads caption features from the latent cache instead of running the frozen encoder in
+    the step: config.data.source is "latents", config.text names a frozen encoder, and the cache holds features
+    of that encoder (`python -m sora_jax.encode` with this config writes them).
+
+    Raises:
+      ValueError: the cache holds features of another encoder, tokenizer, max_len or dtype.
+    """
+    key = text_features_key(config)
+    manifest_path = os.path.join(config.data.get("latent_dir") or "", "manifest.json")
+    if key is None or config.data.source != "latents" or not os.path.exists(manifest_path):
+        return False
+    with open(manifest_path) as f:
+        cached = json.load(f).get("text_features")
+    if cached is None:
+        return False
+    if cached != key:
+        differ = sorted(k for k in key if cached.get(k) != key[k])
+        raise ValueError(
+            f"{config.data.latent_dir} holds caption features of another text encoder setting ({', '.join(differ)} "
+            f"differ: cached {[cached.get(k) for k in differ]}, config {[key[k] for k in differ]}). Re-encode with "
+            "this config (python -m sora_jax.encode --out=NEW_DIR), or set config.text back to the encoder, "
+            "tokenizer, max_len and model dtype the cache was written with.")
+    return True
 
 
 class LatentShards:
@@ -56,4 +112,6 @@ class LatentShards:
         example = {"latent": np.asarray(record["latent"]), "caption": record["caption"], "index": int(record["index"])}
         if "meta" in record:  # decoded sources record fps, original size and duration
             example["meta"] = np.asarray(record["meta"], np.float32)
+        if "text_features" in record:  # a frozen caption encoder's output (see cached_text_features)
+            example["text_features"] = np.asarray(record["text_features"], np.float32)
         return example

@@ -6,7 +6,8 @@ caption tokens and in the per-sample `info` and `meta` slots k. No sample is cro
 
 A batch (per host) is a dict of numpy arrays:
   video [R, L, D] patches; video_pos [R, L, 3] (t, h, w); video_segment_ids [R, L] (0 = padding);
-  text [R, Lt]; text_segment_ids [R, Lt]; text_positions [R, Lt] (position within its caption);
+  text [R, Lt] token ids, or [R, Lt, width] float32 caption features when a latent cache holds a frozen
+    encoder's (latents.cached_text_features); text_segment_ids [R, Lt]; text_positions [R, Lt] (position within its caption);
   info [R, S, 5] per sample: (nt, nh, nw, num_tokens, source index), zeros for empty slots;
   meta [R, S, 4] per sample: (fps, original height, original width, duration in s), zeros where unknown;
   host_skipped [len(SKIP_REASONS)]: files skipped since this host's previous batch, by reason. Keys
@@ -28,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from data_pipelines import media, sources
-from data_pipelines.latents import LatentShards
+from data_pipelines.latents import LatentShards, cached_text_features
 from data_pipelines.procedural import ProceduralWorld
 from sora_jax import patching
 from sora_jax.models.autoencoder import build_autoencoder
@@ -155,6 +156,8 @@ class ToTokens(grain.transforms.Map):
         self.tokenizer = build_tokenizer(config.text)
         self.text_len = config.text.max_len
         self.fps = float(config.sample.fps)
+        # Caption features cached beside the latents replace the ids (the train step then runs no encoder).
+        self.cached_text = cached_text_features(config)
 
     def map(self, example: dict) -> dict:
         if "latent" in example:  # cached by `python -m sora_jax.encode`
@@ -175,10 +178,20 @@ class ToTokens(grain.transforms.Map):
         return {
             "video": tokens,
             "video_pos": patching.positions(grid),
-            "text": self.tokenizer.encode(example["caption"], self.text_len),
+            "text": self._caption(example),
             "info": np.asarray([[*grid, n, example["index"]]], np.int32),
             "meta": meta[None],
         }
+
+
+    def _caption(self, example: dict) -> np.ndarray:
+        """Token ids [n], or with cached caption features those features [n, width]."""
+        if not self.cached_text or "latent" not in example:  # held-out batches read the raw source: ids
+            return self.tokenizer.encode(example["caption"], self.text_len)
+        if "text_features" not in example:
+            raise ValueError(f"latent record {example['index']} has no caption features although the cache's "
+                             "manifest says it holds them; re-encode (python -m sora_jax.encode).")
+        return example["text_features"]
 
 
 def _finish(batch: dict) -> dict:

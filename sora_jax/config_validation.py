@@ -262,10 +262,15 @@ def _check_latent_cache(config) -> None:
              "manifest.json; run `python -m sora_jax.encode --out=DIR` first and pass that DIR.")
     with open(manifest) as f:
         written_by = json.load(f).get("autoencoder")
-    _require(written_by == config.autoencoder.to_dict(),
+    _require(written_by == json.loads(json.dumps(config.autoencoder.to_dict())),  # JSON has lists, not tuples
              f"{config.data.latent_dir} was encoded with autoencoder {written_by}, but config.autoencoder is "
              f"{config.autoencoder.to_dict()}; latents of another autoencoder would train a DiT that decodes "
              "garbage. Point config.autoencoder at the same checkpoint, or re-encode.")
+    from data_pipelines.latents import cached_text_features
+    try:
+        cached_text_features(config)  # caption features of another encoder are refused here, not mid-run
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate_dit_for_mesh(config, mesh_shape: dict) -> None:

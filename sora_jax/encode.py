@@ -8,6 +8,12 @@ k = process_index (mod process_count); a shard is written to a temporary name an
 so a rerun after an interruption skips finished shards and redoes only the unfinished ones. Records are
 msgpack (flax.serialization): {latent (T', H', W', C) float32 normalised, caption, index, frames, height,
 width}; no pickle. Training reads them with `--config.data.source=latents --config.data.latent_dir=DIR`.
+
+With a frozen caption encoder (config.text.encoder="precomputed" and config.text.path, e.g. umT5 in
+configs/wan21.py), each record also holds the caption's features, text_features (n, width) float32 for its
+n <= config.text.max_len tokens, and the manifest says which encoder, tokenizer, max_len and dtype made them
+(data_pipelines.latents.text_features_key). Training on the cache then reads them and its step holds no
+encoder: the 5.7B-parameter umT5-XXL is run once per clip here, not once per step.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ def encode_dataset(config, out: str, num_examples: int, shard_size: int, split: 
     from array_record.python.array_record_module import ArrayRecordWriter
     from flax import serialization
 
+    from data_pipelines.latents import text_features_key
     from data_pipelines.pipeline import raw_examples
     from sora_jax.models.autoencoder import build_autoencoder
 
@@ -53,6 +60,10 @@ def encode_dataset(config, out: str, num_examples: int, shard_size: int, split: 
     manifest = {"num_examples": num_examples, "shard_size": shard_size, "split": split, "shards": total,
                 "autoencoder": config.autoencoder.to_dict(), "latent_channels": ae.channels,
                 "data_seed": config.data.seed}
+    captions = _CaptionEncoder(config) if text_features_key(config) else None
+    if captions is not None:
+        manifest["text_features"] = text_features_key(config)
+    manifest = json.loads(json.dumps(manifest))  # as it reads back (tuples become lists)
     path = os.path.join(out, "manifest.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -80,12 +91,27 @@ def encode_dataset(config, out: str, num_examples: int, shard_size: int, split: 
                       "frames": video.shape[0], "height": video.shape[1], "width": video.shape[2]}
             if "meta" in example:
                 record["meta"] = np.asarray(example["meta"], np.float32)
+            if captions is not None:
+                record["text_features"] = captions(example["caption"])
             writer.write(serialization.msgpack_serialize(record))
         writer.close()
         os.replace(tmp, final)
         written.append(shard_name(k, total))
         logging.info("wrote %s", final)
     return written
+
+
+class _CaptionEncoder:
+    """caption -> the frozen encoder's features [n, width] float32, exactly as the train step would compute them."""
+
+    def __init__(self, config):
+        from sora_jax.convert.hf_text import CaptionFeatures
+        from sora_jax.models.text import build_tokenizer
+        self.tokenizer, self.max_len = build_tokenizer(config.text), int(config.text.max_len)
+        self.features = CaptionFeatures(config)
+
+    def __call__(self, caption: str) -> np.ndarray:
+        return self.features.one(self.tokenizer.encode(caption, self.max_len), self.max_len)
 
 
 def main(argv):

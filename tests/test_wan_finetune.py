@@ -270,3 +270,36 @@ def test_the_frozen_encoder_is_sharded_like_the_dit(dirs):
     assert frozen["embed"]["embedding"].spec == P(None, "fsdp")
     assert frozen["layers"][0]["ffn"]["wi_0"]["kernel"].spec == P("fsdp", "tensor")
     assert frozen["layers"][0]["attn"]["relative_bias"].spec == P(None, None)  # a 32 x heads table: replicated
+
+
+def test_cached_caption_features_train_without_the_encoder_in_the_step(dirs, full_run, tmp_path):
+    """`python -m sora_jax.encode` caches umT5's features beside the latents (transformers' features for each
+    caption); training on the cache runs no encoder in its step and starts from the same held-out loss as the
+    run that encodes in the step. A cache of another text setting is refused before compiling."""
+    from data_pipelines import pipeline
+    from data_pipelines.latents import LatentShards
+    from sora_jax.config_validation import validate_dit
+    from sora_jax.encode import encode_dataset
+    out = str(tmp_path / "latents")
+    encode_dataset(_config(dirs), out, num_examples=12, shard_size=6)
+    shards, tokenizer = LatentShards(out), build_tokenizer(_config(dirs).text)
+    assert shards.manifest["text_features"]["max_len"] == 16
+    for index in (0, 7):
+        record = shards[index]
+        reference = _torch_features(dirs[2], tokenizer.encode(record["caption"], 16))
+        assert record["text_features"].shape == reference.shape
+        assert _rel_err(record["text_features"], reference) < 1e-4
+
+    cached = _config(dirs, **{"data.source": "latents", "data.latent_dir": out, "data.raw_source": "procedural",
+                              "total_steps": 2, "checkpoint_every_steps": 2})
+    task = build_task(cached)
+    assert task.frozen() == {}  # the step holds no encoder
+    batch = next(iter(pipeline.packed_dataset(cached)))
+    assert batch["text"].shape == (8, 32, WAN["text_dim"]) and batch["text"].dtype == np.float32
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(cached, workdir)
+    step0 = _history(workdir)[0]["val_loss_params"]
+    assert step0 == pytest.approx(_history(full_run)[0]["val_loss_params"], rel=1e-5)
+
+    with pytest.raises(ConfigError, match=r"another text encoder setting \(max_len differ"):
+        validate_dit(with_overrides(cached, **{"text.max_len": 12}))

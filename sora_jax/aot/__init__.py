@@ -198,13 +198,15 @@ def validate_for_compile(config) -> None:
 
 def dit_batch(config) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Global shapes and dtypes of one DiT batch (data_pipelines/pipeline.py describes the fields)."""
+    from data_pipelines.latents import cached_text_features
     from sora_jax.models import patch_dim
     from sora_jax.models.text import frozen_encoder_path
     d = config.data
     rows, length, text, samples = d.global_batch_rows, d.seq_len, d.text_len, d.max_samples_per_row
     # Token ids, or caption features of a frozen encoder computed ahead (config.text.encoder="precomputed");
-    # a frozen encoder in the step (config.text.path) reads ids again.
-    ahead = config.text.encoder == "precomputed" and not frozen_encoder_path(config.text)
+    # a frozen encoder in the step (config.text.path) reads ids again, unless the latent cache holds its features.
+    ahead = config.text.encoder == "precomputed" and (not frozen_encoder_path(config.text)
+                                                      or cached_text_features(config))
     captions = ((rows, text, config.text.width), np.float32) if ahead else ((rows, text), np.int32)
     return {
         "video": ((rows, length, patch_dim(config)), np.float32), "video_pos": ((rows, length, 3), np.int32),

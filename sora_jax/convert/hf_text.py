@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sora_jax import sharding
 from sora_jax.models.t5 import T5Encoder, T5EncoderConfig
 from sora_jax.models.text import frozen_encoder_path
 from sora_jax.safetensors_io import PICKLE_SUFFIXES
@@ -268,6 +269,44 @@ def caption_encoder_of(config) -> tuple[nnx.GraphDef, dict] | None:
     if not path:
         return None
     return frozen_text_encoder(path, config.model.dtype, config.text.get("tokenizer_path", ""))
+
+
+class CaptionFeatures:
+    """config's frozen caption encoder on this host's devices, for features computed outside the train step (the
+    latent cache's, and the held-out batches' when training reads that cache). Drop it when done: it holds a
+    device copy of the weights.
+
+    The weights are sharded over the host's local devices by their logical axes (umT5-XXL does not fit one
+    16 GB chip) and the few captions are replicated; the run's global mesh is not used, because each host
+    encodes its own captions.
+    """
+
+    def __init__(self, config):
+        encoder = caption_encoder_of(config)
+        if encoder is None:
+            raise ValueError("config.text names no frozen caption encoder (text.encoder='precomputed' with text.path).")
+        self.graphdef = encoder[0]
+        devices = np.asarray(jax.local_devices()).reshape(1, -1, 1, 1)
+        self.mesh = jax.sharding.Mesh(devices, sharding.MESH_AXES)
+        self.rules = (("batch", None),) + tuple(r for r in sharding.current_rules() if r[0] != "batch")
+        logical = sharding.logical_axes(nnx.state(nnx.merge(*encoder), nnx.Param))
+        self.params = jax.device_put(encoder[1], sharding.param_shardings(logical, encoder[1], self.mesh, self.rules))
+        self._encode = jax.jit(encode_captions, static_argnums=0)
+
+    def __call__(self, ids: np.ndarray, segments: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """float32 features [B, Lt, width] of packed caption ids [B, Lt] (rows of padding: zero)."""
+        with sharding.use_mesh(self.mesh, self.rules):
+            out = self._encode(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(segments),
+                               jnp.asarray(positions))
+        return np.where(np.asarray(segments)[..., None] > 0, np.asarray(out, np.float32), 0.0).astype(np.float32)
+
+    def one(self, ids: np.ndarray, length: int) -> np.ndarray:
+        """Features [len(ids), width] of one caption, padded to `length` slots so one compile serves all."""
+        n = len(ids)
+        padded = np.zeros((1, length), np.int32)
+        padded[0, :n] = ids
+        segments = (np.arange(length) < n).astype(np.int32)[None]
+        return self(padded, segments, np.arange(length, dtype=np.int32)[None])[0, :n]
 
 
 def encode_captions(graphdef: nnx.GraphDef, params: dict, ids: jax.Array, segments: jax.Array,

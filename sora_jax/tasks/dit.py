@@ -3,7 +3,8 @@
 With config.text.encoder = "precomputed" and config.text.path set (configs/wan21.py with umT5), a frozen
 pretrained text encoder turns the batch's caption ids (config.text.tokenizer = "hf") into features inside the
 step; its parameters are the task's frozen arrays, sharded by their logical axes like the DiT's and never
-differentiated.
+differentiated. When the latent cache (config.data.source = "latents") holds that encoder's features
+(`python -m sora_jax.encode` writes them), training reads them instead and the step holds no encoder.
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines import pipeline
+from data_pipelines.latents import cached_text_features
 from data_pipelines.media import SKIP_REASONS
 from sora_jax import sharding
 from sora_jax.config_validation import validate_dit, validate_dit_for_mesh
-from sora_jax.convert.hf_text import caption_encoder_of, encode_captions
+from sora_jax.convert.hf_text import CaptionFeatures, caption_encoder_of, encode_captions
 from sora_jax.diffusion.flow import flow_loss
 from sora_jax.models import build_model
 
@@ -27,6 +29,7 @@ class DiTTask:
 
     def __init__(self, config):
         self.config = config
+        self._cached_features = None  # decided on first use: the latent cache's manifest says
 
     def validate(self) -> None:
         validate_dit(self.config)
@@ -37,25 +40,31 @@ class DiTTask:
     def build_model(self, rngs):
         return build_model(self.config, rngs)
 
+    def _step_encoder(self):
+        """The frozen caption encoder the step runs: none when training reads features cached with the latents."""
+        if self._cached_features is None:
+            self._cached_features = cached_text_features(self.config)
+        return None if self._cached_features else caption_encoder_of(self.config)
+
     def frozen(self):
-        """{"text_encoder": params} with a frozen caption encoder (config.text.path), else {}."""
-        encoder = caption_encoder_of(self.config)
+        """{"text_encoder": params} with a frozen caption encoder in the step (config.text.path), else {}."""
+        encoder = self._step_encoder()
         return {} if encoder is None else {"text_encoder": encoder[1]}
 
     def frozen_axes(self):
         """The frozen encoder's parameters carry their logical axes (embed, heads, mlp) as the DiT's do: sharded
         over fsdp and tensor, not replicated (umT5-XXL is 11 GB in bfloat16)."""
-        encoder = caption_encoder_of(self.config)
+        encoder = self._step_encoder()
         if encoder is None:
             return {}
         return {"text_encoder": sharding.logical_axes(nnx.state(nnx.merge(*encoder), nnx.Param))}
 
     def _with_caption_features(self, frozen, batch: dict) -> dict:
-        """The batch with its caption ids replaced by the frozen encoder's features, when there is one."""
-        encoder = caption_encoder_of(self.config)
+        """The batch with its caption ids replaced by the frozen encoder's features, when the step runs one."""
+        encoder = self._step_encoder()
         if encoder is None:
             return batch
-        # The params come in through `frozen` (a jit argument, replicated), not the cache: no baked-in constants.
+        # The params come in through `frozen` (a jit argument, sharded), not the cache: no baked-in constants.
         features = encode_captions(encoder[0], frozen["text_encoder"], batch["text"], batch["text_segment_ids"],
                                    batch["text_positions"])
         return {**batch, "text": features}
@@ -67,7 +76,13 @@ class DiTTask:
         return pipeline.reshard_start(states, start, process_count)
 
     def eval_data(self, process_index: int, process_count: int) -> list[dict]:
-        return pipeline.eval_batches(self.config, self.config.eval_batches, process_index, process_count)
+        """Held-out batches (from the raw source); with cached caption features for training, their captions are
+        encoded here, once, so that neither step holds the encoder."""
+        batches = pipeline.eval_batches(self.config, self.config.eval_batches, process_index, process_count)
+        if self._step_encoder() is not None or caption_encoder_of(self.config) is None:
+            return batches
+        encode = CaptionFeatures(self.config)
+        return [{**b, "text": encode(b["text"], b["text_segment_ids"], b["text_positions"])} for b in batches]
 
     def loss(self, model, frozen, batch, key, step):
         del step
