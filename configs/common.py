@@ -156,9 +156,11 @@ def base_config() -> ml_collections.ConfigDict:
         meta_conditioning=False))
     # "identity" (pixel space) or "vae" with checkpoint= a directory from `python -m sora_jax.convert`.
     c.autoencoder = ml_collections.ConfigDict(dict(name="identity", checkpoint=""))
+    # pad_captions (frozen encoders only): every caption takes max_len slots, zero features past its tokens, all
+    # read by cross-attention -- as Wan 2.1 was trained (512 umT5 slots); otherwise only the real tokens are packed.
     c.text = ml_collections.ConfigDict(dict(
         tokenizer="words", vocabulary=tuple(procedural.VOCABULARY), encoder="tiny", width=128, depth=2,
-        heads=4, max_len=12))
+        heads=4, max_len=12, pad_captions=False))
 
     c.data = data_config()
 

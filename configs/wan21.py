@@ -34,9 +34,12 @@ frozen (the sampler alike), from the caption ids the data pipeline tokenizes:
   --config.text.tokenizer=hf --config.text.path=Wan2.1-T2V-1.3B-Diffusers/text_encoder \
   --config.text.tokenizer_path=Wan2.1-T2V-1.3B-Diffusers/tokenizer
   (tokenizer_path only where the tokenizer files are not in config.text.path; tests/test_wan_finetune.py runs
-  a tiny fine-tune this way). One difference from Wan's own training remains: its captions were padded to 512
-  slots of zero features that cross-attention also read; ours attend to the real caption tokens only
-  (sora_jax/convert/hf_text.py, encode_captions).
+  a tiny fine-tune this way). Wan was trained with every caption padded to 512 slots of zero features that
+  cross-attention also reads; --config.text.pad_captions=True does the same (then data.text_len must hold
+  512 slots per sample in a row); by default only the real caption tokens are packed and attended, which packs
+  more clips per row but is conditioning the pretrained model has to adapt to.
+  `python -m sora_jax.encode` with these flags caches the features beside the latents; training on that cache
+  runs no encoder in its step.
 Not wired yet: image-to-video's conditioning, which no data source or sampler produces today.
 """
 from configs.common import base_config

@@ -7,7 +7,8 @@ caption tokens and in the per-sample `info` and `meta` slots k. No sample is cro
 A batch (per host) is a dict of numpy arrays:
   video [R, L, D] patches; video_pos [R, L, 3] (t, h, w); video_segment_ids [R, L] (0 = padding);
   text [R, Lt] token ids, or [R, Lt, width] float32 caption features when a latent cache holds a frozen
-    encoder's (latents.cached_text_features); text_segment_ids [R, Lt]; text_positions [R, Lt] (position within its caption);
+    encoder's (latents.cached_text_features); text_segment_ids [R, Lt]; text_positions [R, Lt] (position
+    within its caption);
   info [R, S, 5] per sample: (nt, nh, nw, num_tokens, source index), zeros for empty slots;
   meta [R, S, 4] per sample: (fps, original height, original width, duration in s), zeros where unknown;
   host_skipped [len(SKIP_REASONS)]: files skipped since this host's previous batch, by reason. Keys
@@ -158,6 +159,7 @@ class ToTokens(grain.transforms.Map):
         self.fps = float(config.sample.fps)
         # Caption features cached beside the latents replace the ids (the train step then runs no encoder).
         self.cached_text = cached_text_features(config)
+        self.pad_captions = bool(config.text.get("pad_captions", False))
 
     def map(self, example: dict) -> dict:
         if "latent" in example:  # cached by `python -m sora_jax.encode`
@@ -185,13 +187,18 @@ class ToTokens(grain.transforms.Map):
 
 
     def _caption(self, example: dict) -> np.ndarray:
-        """Token ids [n], or with cached caption features those features [n, width]."""
+        """Token ids [n], or with cached caption features those features [n, width]; with config.text.pad_captions
+        [max_len] ids (pad id 0, which the frozen encoder turns into zero features) or [max_len, width] features."""
         if not self.cached_text or "latent" not in example:  # held-out batches read the raw source: ids
-            return self.tokenizer.encode(example["caption"], self.text_len)
-        if "text_features" not in example:
+            caption = self.tokenizer.encode(example["caption"], self.text_len)
+        elif "text_features" not in example:
             raise ValueError(f"latent record {example['index']} has no caption features although the cache's "
                              "manifest says it holds them; re-encode (python -m sora_jax.encode).")
-        return example["text_features"]
+        else:
+            caption = example["text_features"]
+        if self.pad_captions:
+            caption = np.pad(caption, [(0, self.text_len - len(caption))] + [(0, 0)] * (caption.ndim - 1))
+        return caption
 
 
 def _finish(batch: dict) -> dict:

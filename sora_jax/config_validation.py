@@ -196,6 +196,9 @@ def _check_text(text) -> None:
                  f"but {tokenizer_path!r} is not a directory; pass a local Hugging Face model directory (what "
                  "save_pretrained writes).")
     if not frozen_encoder_path(text):
+        _require(not text.get("pad_captions", False),
+                 "config.text.pad_captions=True pads captions to max_len slots of zero features, which needs a frozen "
+                 "caption encoder (config.text.encoder='precomputed' with config.text.path); unset it.")
         return
     # A frozen pretrained encoder (sora_jax.convert.hf_text.frozen_text_encoder) computes the features.
     _require(os.path.isdir(path), f"config.text.path={path!r} is not a directory; pass the local Hugging Face "

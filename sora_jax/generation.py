@@ -136,9 +136,10 @@ class Sampler:
         max_len = self.config.text.max_len
         text = np.zeros((len(prompts), max_len), np.int32)
         text_seg = np.zeros((len(prompts), max_len), np.int32)
+        padded = self.config.text.get("pad_captions", False)  # every slot read, as in training (zeros past the ids)
         for i, prompt in enumerate(prompts):
             ids = self.tokenizer.encode(prompt, max_len)
-            text[i, :len(ids)], text_seg[i, :len(ids)] = ids, 1
+            text[i, :len(ids)], text_seg[i, :max_len if padded else len(ids)] = ids, 1
         positions = jnp.asarray(np.broadcast_to(np.arange(max_len, dtype=np.int32), text.shape))
         text, text_seg = jnp.asarray(text), jnp.asarray(text_seg)
         if self._caption_encoder is not None:

@@ -239,7 +239,9 @@ def test_bad_caption_encoder_is_refused_before_compiling(dirs, tmp_path, monkeyp
     cases = {(("text.path", str(tmp_path / "absent")),): "is not a directory",
              (("text.path", str(tmp_path)),): "has no config.json",
              (("text.path", wide),): "emits 48-wide features but config.text.width=32",
-             (("text.tokenizer", "words"),): "set config.text.tokenizer='hf'"}
+             (("text.tokenizer", "words"),): "set config.text.tokenizer='hf'",
+             (("text.encoder", "tiny"), ("text.pad_captions", True)):
+                 "pad_captions=True .* needs a frozen caption encoder"}
     for overrides, message in cases.items():
         with pytest.raises(ConfigError, match=message):
             train_and_evaluate(_config(dirs, **dict(overrides)), str(tmp_path / "w"))
@@ -303,3 +305,32 @@ def test_cached_caption_features_train_without_the_encoder_in_the_step(dirs, ful
 
     with pytest.raises(ConfigError, match=r"another text encoder setting \(max_len differ"):
         validate_dit(with_overrides(cached, **{"text.max_len": 12}))
+
+
+def test_padded_captions_condition_as_wan_was_trained(dirs):
+    """config.text.pad_captions: each caption takes max_len slots, zero features past its tokens, all read by
+    cross-attention (Wan 2.1's 512 umT5 slots). The step's held-out loss is the diffusers model's on exactly that
+    conditioning, and differs from the unpadded one (the pretrained model does notice)."""
+    config = _config(dirs, **{"text.pad_captions": True, "data.text_len": 64})
+    task = build_task(config)
+    batch = task.eval_data(0, 1)[0]
+    segments = batch["text_segment_ids"]
+    assert all(np.sum(segments[r] == s) == 16 for r in range(len(segments)) for s in set(segments[r].tolist()) - {0})
+    model = diffusers_wan.load_diffusers_transformer(dirs[0])
+    key = jax.random.key(3)
+    ours = task.eval_metrics(model, task.frozen(), batch, key)["loss"]
+    features = np.zeros(segments.shape + (WAN["text_dim"],), np.float32)
+    for row in range(len(segments)):
+        for segment in set(segments[row].tolist()) - {0}:
+            real = (segments[row] == segment) & (batch["text"][row] != 0)
+            features[row, real] = _torch_features(dirs[2], batch["text"][row, real])
+    reference, _ = flow_loss(model, {**batch, "text": jnp.asarray(features)}, key, config.flow, caption_dropout=0.0)
+    assert float(ours) == pytest.approx(float(reference), rel=1e-5)
+    unpadded = {**batch, "text_segment_ids": np.where(batch["text"] != 0, segments, 0)}
+    other, _ = flow_loss(model, {**unpadded, "text": jnp.asarray(features)}, key, config.flow, caption_dropout=0.0)
+    assert abs(float(other) - float(reference)) > 1e-4 * abs(float(reference))
+    # The sampler conditions the same way: every slot of the prompt's row read, zeros past its tokens.
+    text, text_segments, _ = Sampler(config, None, None).caption_inputs([VOCABULARY[0]])
+    ids = build_tokenizer(config.text).encode(VOCABULARY[0], 16)
+    assert np.all(np.asarray(text_segments) == 1) and not np.any(np.asarray(text)[0, len(ids):])
+    assert _rel_err(np.asarray(text)[0, :len(ids)], _torch_features(dirs[2], ids)) < 1e-4

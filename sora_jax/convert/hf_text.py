@@ -309,16 +309,20 @@ class CaptionFeatures:
         return self(padded, segments, np.arange(length, dtype=np.int32)[None])[0, :n]
 
 
+PAD_ID = 0  # T5's and umT5's pad token (config.json pad_token_id); no caption token has it
+
+
 def encode_captions(graphdef: nnx.GraphDef, params: dict, ids: jax.Array, segments: jax.Array,
                     positions: jax.Array) -> jax.Array:
     """Caption features [B, Lt, d_model] of packed token ids [B, Lt] from a frozen encoder (no gradient).
 
-    Each caption is encoded on its own tokens only (its segment) and cross-attention later reads only those.
-    Known limitation: Wan 2.1 was trained (and diffusers' WanPipeline samples) with every caption padded to 512
-    slots whose features past the caption are zero, and its cross-attention attends to all 512; here a sample
-    attends to its real caption tokens alone. The 512 - n zero slots a pretrained Wan expects (each the same key
-    and value: those of its caption MLP's output for zero features) are missing from its softmax, so it sees
-    somewhat different conditioning until fine-tuning adapts it. Not implemented: padding to 512 slots.
+    Each caption is encoded on its own tokens only (its segment). Slots holding the pad id inside a caption's
+    segment (config.text.pad_captions: Wan 2.1's 512 slots) are left out of the encoding, as Hugging Face's
+    attention mask leaves them out, and get zero features, as diffusers' WanPipeline zeroes them; cross-attention
+    still reads them, being of the caption's segment. Without pad_captions a sample attends to its real caption
+    tokens only, which a pretrained Wan (trained on 512 slots) sees as somewhat different conditioning.
     """
     encoder = nnx.merge(graphdef, params)
-    return jax.lax.stop_gradient(encoder(ids, segments, positions))
+    real = ids != PAD_ID
+    features = encoder(ids, jnp.where(real, segments, 0), positions)
+    return jax.lax.stop_gradient(jnp.where(real[..., None], features, 0).astype(features.dtype))
