@@ -34,6 +34,7 @@ from sora_jax.evaluation.records import EvalRecords, scan_step_dirs
 from sora_jax.tasks import build_task
 from sora_jax.train import checkpointing
 from sora_jax.train.checkpointing import CheckpointMismatchError
+from sora_jax.train.init_from import LoRAFolding
 from sora_jax.train.state import state_spec
 
 FLAGS = flags.FLAGS
@@ -43,6 +44,13 @@ flags.DEFINE_float("poll_seconds", None, "Seconds between polls with --watch (de
 flags.DEFINE_float("timeout_seconds", None, "With --watch, give up after this many seconds; 0 waits forever "
                    "(default: config.eval.timeout_seconds).")
 console.define_verbose_flag()
+
+
+def _without_lora(config) -> ml_collections.ConfigDict:
+    """The config of the plain model a LoRA run's adapters fold into."""
+    plain = ml_collections.ConfigDict(config.to_dict())
+    plain.lora.rank = 0
+    return plain
 
 
 def _tuples(x):
@@ -90,10 +98,6 @@ class EvalJob:
 
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
-        if config.get("lora") is not None and config.lora.rank > 0:
-            raise ConfigError(f"{workdir} is a LoRA run (its checkpoints hold adapters only), which the evaluation "
-                              "job cannot score yet. Sample it (python -m sora_jax.sample folds the adapters into "
-                              "config.init_from's base) or evaluate the base with a fine-tune's merged weights.")
         self.task = build_task(config)
         validate(config, self.task)
         self.evaluators = build_evaluators(config)
@@ -111,9 +115,13 @@ class EvalJob:
         with sharding.use_mesh(self.mesh, self.rules):
             try:
                 self.spec = state_spec(config, self.mesh, self.task)
+                # A LoRA run's checkpoints hold adapters: each is folded into config.init_from's base (loaded
+                # once), and the evaluators see the plain model, as the sampler does.
+                self.plain = state_spec(_without_lora(config), self.mesh, self.task) if self.spec.lora else self.spec
+                self.lora = LoRAFolding(config, self.spec, self.plain.param_shardings) if self.spec.lora else None
             except sharding.InsufficientShardingError as e:
                 raise ConfigError(f"config.eval.mesh: {e}") from None
-        self.frozen = jax.device_put(self.task.frozen(), self.spec.frozen_shardings)
+        self.frozen = jax.device_put(self.task.frozen(), self.plain.frozen_shardings)
         self.eval_dir = os.path.join(workdir, "eval")
         self.records = EvalRecords(self.eval_dir)
         self.checkpoint_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -159,7 +167,7 @@ class EvalJob:
         def generate(prompts, seed):
             from sora_jax.generation import Sampler
             if self._sampler is None:  # built once: its jitted step is reused for every checkpoint
-                self._sampler = Sampler(self.config, self.spec.graphdef, params)
+                self._sampler = Sampler(self.config, self.plain.graphdef, params)
             self._sampler.params = params
             return self._sampler.generate(prompts, settings["width"], settings["height"], settings["frames"],
                                           settings["steps"], settings["guidance"], seed, progress=False,
@@ -186,11 +194,13 @@ class EvalJob:
             if params is None:
                 self._damaged[step] = self._identity(step)
                 return None
+            if self.lora is not None:
+                params = self.lora.fold(ckpt, step, params)
             self._damaged.pop(step, None)
             self.restored += 1
             restored_s = time.perf_counter() - start
             out_dir = os.path.join(self.eval_dir, f"step_{step}")
-            ctx = EvalContext(self.config, self.task, step, self.which, self.spec.graphdef, params, self.mesh,
+            ctx = EvalContext(self.config, self.task, step, self.which, self.plain.graphdef, params, self.mesh,
                               self.frozen, out_dir, self._generate(params))
             scalars, artifacts, _ = run_evaluators(self.evaluators, ctx)
         seconds = time.perf_counter() - start

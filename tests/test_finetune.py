@@ -117,11 +117,26 @@ def test_a_lora_run_samples_with_its_adapters_folded_into_the_base(trained_workd
         json.dump(stored, f)
     with pytest.raises(CheckpointMismatchError, match="trained on other base weights"):
         Sampler.from_workdir(moved)
-    # The evaluation job does not fold adapters yet: it says so rather than failing somewhere inside.
-    from sora_jax.config_validation import ConfigError
     from sora_jax.evaluate import EvalJob, load_config
-    with pytest.raises(ConfigError, match="is a LoRA run"):
-        EvalJob(load_config(lora_run), lora_run)
+    with pytest.raises(CheckpointMismatchError, match="trained on other base weights"):
+        EvalJob(load_config(moved), moved).run()
+
+
+def test_the_evaluation_job_scores_a_lora_run_with_its_adapters_folded(lora_run, tmp_path):
+    """Each checkpoint's adapters folded into config.init_from's base: the held-out loss (one timestep bucket)
+    is the one the trainer logged for that step."""
+    from sora_jax.evaluate import EvalJob, load_config
+    workdir = shutil.copytree(lora_run, str(tmp_path / "lora"))
+    config = with_overrides(load_config(workdir), **{"eval.evaluators": ("val_loss",), "eval.timestep_buckets": 1})
+    job = EvalJob(config, workdir)
+    assert job.lora is not None
+    job.run()
+    with open(os.path.join(workdir, "eval", "results.json")) as f:
+        results = json.load(f)
+    logged = {h["step"]: h["val_loss_ema"] for h in _history(lora_run)}
+    assert sorted(results) == ["2", "4"] and sorted(logged) == [0, 4]
+    assert results["4"]["val_loss"] == pytest.approx(logged[4], rel=1e-5)
+    assert results["2"]["val_loss"] != results["4"]["val_loss"]  # each step's own adapters were folded
 
 
 def test_lora_trains_and_checkpoints_only_adapters(trained_workdir, lora_run):

@@ -152,12 +152,44 @@ def merged_lora_params(config, ckpt, which: str, device_sharding) -> tuple[int |
     if step is None:
         return None, None
     weights = load_weights(config, place(base))
-    stored = ckpt.restore_params(step, jax.ShapeDtypeStruct(
-        jax.eval_shape(lora.fingerprint, weights).shape, np.float32, sharding=device_sharding), "base_fingerprint")
-    if not np.allclose(np.asarray(stored), np.asarray(jax.jit(lora.fingerprint)(weights)), rtol=1e-4, atol=1e-7):
-        raise CheckpointMismatchError(
-            f"{ckpt.workdir} holds LoRA adapters (step {step}) trained on other base weights than config.init_from="
-            f"{config.init_from} holds now (the base fingerprints differ); restore that base to sample from them.")
+    check_base(config, ckpt, step, jax.jit(lora.fingerprint)(weights), device_sharding)
     nnx.replace_by_pure_dict(trained, adapters)
     nnx.replace_by_pure_dict(base, weights)
     return step, lora.merged_params(nnx.merge(graphdef, trained, base))
+
+
+def check_base(config, ckpt, step: int, fingerprint: jax.Array, device_sharding) -> None:
+    """Raises CheckpointMismatchError unless step's adapters were trained on the base whose fingerprint is given
+    (sora_jax.models.lora.fingerprint of config.init_from's weights now)."""
+    stored = ckpt.restore_params(step, jax.ShapeDtypeStruct(fingerprint.shape, np.float32, sharding=device_sharding),
+                                 "base_fingerprint")
+    if not np.allclose(np.asarray(stored), np.asarray(fingerprint), rtol=1e-4, atol=1e-7):
+        raise CheckpointMismatchError(
+            f"{ckpt.workdir} holds LoRA adapters (step {step}) trained on other base weights than config.init_from="
+            f"{config.init_from} holds now (the base fingerprints differ); restore that base to use them.")
+
+
+class LoRAFolding:
+    """A LoRA run's base (config.init_from), loaded once and sharded like the plain model's parameters, into which
+    each checkpoint's adapters are folded: what the evaluation job scores, as the sampler does.
+
+    Args:
+      config: the LoRA run's config.
+      spec: its StateSpec (LoRA: adapters trained, base frozen).
+      plain_shardings: the plain model's parameter shardings (where the folded parameters go).
+    """
+
+    def __init__(self, config, spec, plain_shardings):
+        from flax import nnx
+
+        from sora_jax.models import lora
+        self.config, self.replicated = config, jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec())
+        self.base = load_weights(config, spec.weights_abstract)
+        self.fingerprint = jax.jit(lora.fingerprint)(self.base)
+        self._fold = jax.jit(lambda adapters, base: lora.merged_params(nnx.merge(spec.graphdef, adapters, base)),
+                             out_shardings=plain_shardings)
+
+    def fold(self, ckpt, step: int, adapters) -> Any:
+        """The plain model's parameters: step's `adapters` folded into the base (checked to be theirs)."""
+        check_base(self.config, ckpt, step, self.fingerprint, self.replicated)
+        return self._fold(adapters, self.base)
