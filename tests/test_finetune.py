@@ -247,6 +247,22 @@ def test_merged_export_loads_in_diffusers_and_matches(tmp_path, monkeypatch):
     again = nnx.to_pure_dict(nnx.state(load_diffusers_transformer(out), nnx.Param))
     for (p, x), y in zip(_leaves(lora.merged_params(model)).items(), _leaves(again).values()):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-6, err_msg=p)
+    # In bfloat16 and split into numbered files with an index, as the released 14B is stored: diffusers loads it,
+    # each tensor is the float32 export's rounded to bfloat16, and the outputs agree to bfloat16 precision.
+    half = diffusers_wan.save_diffusers_transformer(model, wan, str(tmp_path / "bf16"), "bfloat16", max_shard_gib=2e-5)
+    files = sorted(f for f in os.listdir(half) if f.endswith(".safetensors"))
+    assert len(files) > 2 and files[0] == "diffusion_pytorch_model-00001-of-%05d.safetensors" % len(files)
+    with open(os.path.join(half, diffusers_wan.INDEX_FILE)) as f:
+        assert sorted(set(json.load(f)["weight_map"].values())) == files
+    theirs_half = WanTransformer3DModel.from_pretrained(half, torch_dtype=torch.bfloat16)
+    full = load_file(os.path.join(out, "diffusion_pytorch_model.safetensors"))
+    assert theirs_half.state_dict().keys() == full.keys()
+    assert all(torch.equal(v, full[k].to(torch.bfloat16)) for k, v in theirs_half.state_dict().items())
+    with torch.no_grad():
+        ref_half = theirs_half.float().eval()(
+            torch.from_numpy(latents.transpose(0, 4, 1, 2, 3)), torch.from_numpy(timesteps),
+            torch.from_numpy(context), return_dict=False)[0].numpy().transpose(0, 2, 3, 4, 1)
+    assert 1e-5 < _rel_err(ref_half, ours) < 3e-2
 
 
 def test_init_from_a_diffusers_directory(tmp_path):

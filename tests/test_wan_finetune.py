@@ -19,6 +19,7 @@ import pytest
 import torch
 import transformers
 from diffusers import WanTransformer3DModel
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from configs import wan21
@@ -207,7 +208,9 @@ def test_full_and_lora_runs_sample(dirs, full_run, lora_run):
 def test_merged_lora_export_matches_diffusers(dirs, lora_run, tmp_path, monkeypatch):
     from flax import nnx
     sampler = Sampler.from_workdir(lora_run)  # the adapters folded into the base
-    out = diffusers_wan.save_diffusers_transformer(sampler.params, sampler.config, str(tmp_path / "merged"))
+    out = str(tmp_path / "merged")
+    r = _convert(lora_run, out)  # the command users run
+    assert r.returncode == 0, r.stderr[-2000:]
     # Without `accelerate`, from_pretrained refuses classes that keep modules in float32 (a half-precision load
     # option); everything here is float32, so dropping the option changes nothing.
     monkeypatch.setattr(WanTransformer3DModel, "_keep_in_fp32_modules", None)
@@ -226,6 +229,29 @@ def test_merged_lora_export_matches_diffusers(dirs, lora_run, tmp_path, monkeypa
     print(f"merged LoRA export vs diffusers: {err:.2e}; the base differs from it by {moved:.2e}")
     assert err < 1e-4
     assert moved > 1e-3  # the trained adapters are in the export, far beyond the tolerance
+    # A base that is not the one the adapters were trained on is refused, not merged.
+    other_base = shutil.copytree(dirs[0], str(tmp_path / "other_base"))
+    weights = os.path.join(other_base, "diffusion_pytorch_model.safetensors")
+    tensors = load_file(weights)
+    tensors["proj_out.bias"] = tensors["proj_out.bias"] + 0.5
+    save_file(tensors, weights, metadata={"format": "pt"})
+    moved_run = shutil.copytree(lora_run, str(tmp_path / "moved"))
+    with open(os.path.join(moved_run, "config.json")) as f:
+        stored = json.load(f)
+    with open(os.path.join(moved_run, "config.json"), "w") as f:
+        json.dump({**stored, "init_from": other_base}, f)
+    r = _convert(moved_run, str(tmp_path / "refused"))
+    assert r.returncode == 1 and "trained on other base weights" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    assert not os.path.exists(os.path.join(tmp_path, "refused", "config.json"))
+
+
+def _convert(src, dst, *flags):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    return subprocess.run([sys.executable, "-m", "sora_jax.convert", "--kind=dit_to_diffusers", f"--src={src}",
+                           f"--dst={dst}", *flags], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def test_bad_caption_encoder_is_refused_before_compiling(dirs, tmp_path, monkeypatch):

@@ -398,23 +398,45 @@ def diffusers_config(model_cfg, text_cfg, channels: int) -> dict:
     return raw
 
 
-def save_diffusers_transformer(model_or_params, config, out_dir: str) -> str:
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
+
+
+def save_diffusers_transformer(model_or_params, config, out_dir: str, dtype: str = "float32",
+                               max_shard_gib: float = 5.0) -> str:
     """Writes a DiT configured as Wan (LoRA adapters, if any, merged) as a diffusers WanTransformer3DModel
-    directory (config.json + diffusion_pytorch_model.safetensors) that `from_pretrained` loads.
+    directory (config.json + safetensors) that `from_pretrained` loads.
 
     Args:
       model_or_params: our DiT (possibly with sora_jax.models.lora adapters) or the plain model's parameters
         as a pure dict; blocks per layer or stacked (config.model.scan_layers).
       config: has `model` and `text` (a training config, or dit_config_from_diffusers's result).
       out_dir: created if absent; must not hold a model already.
+      dtype: what the tensors are written in, one of EXPORT_DTYPES ("bfloat16" halves a 14B export to 28 GB,
+        as the released Wan weights are stored).
+      max_shard_gib: weights beyond this size are split into numbered files with an index
+        (diffusion_pytorch_model-0000k-of-0000n.safetensors + INDEX_FILE), as diffusers writes large models.
     Returns:
       out_dir.
     Raises:
-      ValueError: an option diffusers' Wan transformer lacks, or a parameter with no diffusers counterpart.
+      ValueError: an option diffusers' Wan transformer lacks, a parameter with no diffusers counterpart, or an
+        unknown dtype.
       FileExistsError: out_dir already holds config.json or weights.
     """
-    from safetensors.numpy import save_file
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export dtype {dtype!r}; choose one of {sorted(EXPORT_DTYPES)}.")
+    tensors, raw = _diffusers_tensors(model_or_params, config, EXPORT_DTYPES[dtype])
+    os.makedirs(out_dir, exist_ok=True)
+    taken = [f for f in os.listdir(out_dir) if f == "config.json" or f.endswith((".safetensors", ".index.json"))]
+    if taken:
+        raise FileExistsError(f"{out_dir} already holds {', '.join(sorted(taken))}; export into a new directory.")
+    _write_shards(tensors, out_dir, int(max_shard_gib * 2**30))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(raw, f, indent=2)
+    return out_dir
 
+
+def _diffusers_tensors(model_or_params, config, dtype) -> tuple[dict[str, np.ndarray], dict]:
+    """({diffusers name: array in `dtype`}, diffusers config.json) of our DiT's (merged) parameters."""
     from sora_jax.models.lora import merged_params
     params = model_or_params if isinstance(model_or_params, dict) else merged_params(model_or_params)
     flat = {k: np.asarray(jax.device_get(v)) for k, v in _flatten(params).items()}
@@ -428,14 +450,29 @@ def save_diffusers_transformer(model_or_params, config, out_dir: str) -> str:
     for ours, value in flat.items():
         theirs, kind = _torch_name(ours)
         value = _to_theirs(value, kind, tuple(config.model.patch), channels)
-        # numpy has no bfloat16 of its own: bfloat16 weights are written as float32 (diffusers casts on load).
-        tensors[theirs] = np.ascontiguousarray(value if value.dtype in (np.float32, np.float16) else
-                                               value.astype(np.float32))
-    os.makedirs(out_dir, exist_ok=True)
-    taken = [f for f in (WEIGHTS_FILE, INDEX_FILE, "config.json") if os.path.exists(os.path.join(out_dir, f))]
-    if taken:
-        raise FileExistsError(f"{out_dir} already holds {', '.join(taken)}; export into a new directory.")
-    save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(raw, f, indent=2)
-    return out_dir
+        tensors[theirs] = np.ascontiguousarray(value.astype(dtype))
+    return tensors, raw
+
+
+def _write_shards(tensors: dict[str, np.ndarray], out_dir: str, max_bytes: int) -> None:
+    """One WEIGHTS_FILE, or numbered files of at most max_bytes each (a larger tensor alone) plus INDEX_FILE."""
+    from safetensors.numpy import save_file
+    shards, size = [[]], 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].nbytes
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    if len(shards) == 1:
+        save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for k, names in enumerate(shards):
+        file = WEIGHTS_FILE.replace(".safetensors", f"-{k + 1:05d}-of-{len(shards):05d}.safetensors")
+        save_file({n: tensors[n] for n in names}, os.path.join(out_dir, file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+    with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+        json.dump(index, f, indent=2)
