@@ -166,7 +166,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.flow = ml_collections.ConfigDict(dict(
         logit_mean=0.0, logit_std=1.0, base_shift=1.0, shift_base_tokens=256.0, max_shift=3.0, caption_dropout=0.1,
-        prediction="velocity", t_min=0.05))
+        prediction="velocity", t_min=0.05,
+        # Per-token conditioning tasks mixed in training (sora_jax/diffusion/tasks.py: t2v, i2v_first, i2v_any,
+        # forward, backward, first_last, keyframes -> weight); text-to-video only by default.
+        tasks=ml_collections.ConfigDict(dict(t2v=1.0, i2v_first=0.0, i2v_any=0.0, forward=0.0, backward=0.0,
+                                             first_last=0.0, keyframes=0.0))))
 
     c.sample = ml_collections.ConfigDict(dict(
         steps=30, guidance=3.0, width=48, height=32, frames=8, fps=8, use_ema=True, num_prompts=8))

@@ -178,6 +178,11 @@ def validate_dit(config) -> None:
     _require(config.flow.prediction in ("velocity", "x0"),
              f"config.flow.prediction={config.flow.prediction!r}; choose 'velocity' or 'x0'.")
     _require(0.0 < config.flow.t_min < 1.0, f"config.flow.t_min={config.flow.t_min} must be in (0, 1).")
+    from sora_jax.diffusion.tasks import task_weights
+    try:
+        task_weights(config.flow)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     s = config.sample
     _require(s.steps > 0, f"config.sample.steps={s.steps} must be > 0.")
     check_video_size(config, s.width, s.height, s.frames, what="config.sample: ")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sora_jax.diffusion import tasks as conditioning_tasks
 from sora_jax.layers.common import gather_segments
 from sora_jax.models.dit import PackedInputs
 
@@ -54,8 +55,12 @@ def predict_velocity(model, inputs: PackedInputs, flow_cfg) -> jax.Array:
     raise ValueError(f"config.flow.prediction={flow_cfg.prediction!r}; choose 'velocity' or 'x0'.")
 
 
-def flow_loss(model, batch: dict, key: jax.Array, flow_cfg, caption_dropout: float):
-    """Mean squared velocity error over real (non-padding) tokens of a packed batch.
+def flow_loss(model, batch: dict, key: jax.Array, flow_cfg, caption_dropout: float, tasks: bool = False):
+    """Mean squared velocity error over the generated (non-padding, not given) tokens of a packed batch.
+
+    tasks: mix the per-token conditioning tasks of config.flow.tasks (sora_jax.diffusion.tasks): some tokens of
+      a sample are given clean (at t = 0) and only the others are noised and scored. Training does; the
+      held-out loss, comparable across runs, is text-to-video.
 
     Returns:
       (loss, aux) where aux holds the token count behind the mean.
@@ -70,10 +75,17 @@ def flow_loss(model, batch: dict, key: jax.Array, flow_cfg, caption_dropout: flo
     t_tok = gather_segments(t, segments)[..., None]
     xt = (1.0 - t_tok) * x0 + t_tok * noise
     drop = jax.random.bernoulli(k_drop, caption_dropout, t.shape)
+    weights = conditioning_tasks.task_weights(flow_cfg) if tasks else None
+    given = None
+    if weights is not None:  # a separate key: text-to-video-only training draws exactly as before
+        given, _ = conditioning_tasks.given_tokens(jax.random.fold_in(key, 7), weights, batch["video_pos"][..., 0],
+                                                   segments, batch["info"][..., 0])
+        xt = jnp.where(given[..., None], x0, xt)
     inputs = PackedInputs(xt, batch["video_pos"], segments, t, batch["text"], batch["text_segment_ids"],
-                          batch["text_positions"], drop, batch.get("meta"))
+                          batch["text_positions"], drop, batch.get("meta"), given=given)
     pred = predict_velocity(model, inputs, flow_cfg)
-    mask = (segments > 0).astype(jnp.float32)[..., None]
+    real = segments > 0
+    mask = (real if given is None else real & ~given).astype(jnp.float32)[..., None]
     denom = jnp.maximum(mask.sum() * x0.shape[-1], 1.0)
     loss = jnp.sum(mask * jnp.square(pred - (noise - x0))) / denom
-    return loss, {"real_tokens": mask.sum()}
+    return loss, {"real_tokens": jnp.sum(real.astype(jnp.float32))}

@@ -56,7 +56,9 @@ class PackedInputs(NamedTuple):
     guidance); meta [B, S, 4] per-sample (fps, original height, original width, duration in s), read only
     by a model built with meta_conditioning. cond [B, L, pt*ph*pw*cond_channels] conditioning patches beside
     each token; image [B, Li, image_dim] image features with image_segments [B, Li]: only for models built
-    with cond_channels / image_dim.
+    with cond_channels / image_dim. given [B, L] bool, optional: tokens handed to the model clean (an image, the
+    frames being extended) -- their tokens are the clean latents and they are modulated as at t = 0, whatever
+    their sample's t; the rest of the sample is generated (per-token conditioning, sora_jax.diffusion.tasks).
     """
     tokens: jax.Array
     positions: jax.Array
@@ -70,6 +72,7 @@ class PackedInputs(NamedTuple):
     cond: jax.Array | None = None
     image: jax.Array | None = None
     image_segments: jax.Array | None = None
+    given: jax.Array | None = None
 
 
 def meta_features(meta: jax.Array) -> jax.Array:
@@ -290,6 +293,33 @@ class DiT(nnx.Module):
             image = self.image_embed(inputs.image.astype(jnp.float32))
         return tokens, image
 
+    def _modulation(self, inputs: PackedInputs, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Per-token adaLN modulation [B, L, 6D] of the blocks and [B, L, 2D] of the output norm, from each
+        sample's timestep (plus pooled caption and metadata where the model has them).
+
+        Given tokens (inputs.given) take their sample's modulation at t = 0: the per-sample conditioning is
+        computed for 2S entries (each sample at its t, then at 0) and each token gathers its own.
+        """
+        t, segments, samples = inputs.t, inputs.segments, inputs.t.shape[1]
+        if inputs.given is not None:
+            t = jnp.concatenate([t, jnp.zeros_like(t)], axis=1)
+            segments = jnp.where(inputs.given & (segments > 0), segments + samples, segments)
+        per_entry = lambda x: x if inputs.given is None else jnp.concatenate([x, x], axis=1)  # noqa: E731
+        temb = self.t_mlp2(jax.nn.silu(self.t_mlp1(timestep_embedding(t, self.time_freq_dim))))  # [B, S or 2S, D]
+        if self.pooled_text is not None:
+            temb = temb + per_entry(self.pooled_text(self.pool_text(context, inputs.text_segments, samples)))
+        if self.meta_mlp is not None:
+            if inputs.meta is None:
+                raise ValueError("this model conditions on per-sample metadata (config.model.meta_conditioning); "
+                                 "pass PackedInputs.meta [B, S, 4] = (fps, height, width, duration).")
+            temb = temb + per_entry(self.meta_mlp(meta_features(inputs.meta)))
+        mod = gather_segments(self.t_mod(jax.nn.silu(temb)), segments)  # [B, L, 6D]
+        if self.final_table is None:
+            final_mod = self.final_mod(jax.nn.silu(temb))
+        else:
+            final_mod = (temb[..., None, :] + self.final_table[...]).reshape(*temb.shape[:-1], 2 * self.hidden)
+        return mod, gather_segments(final_mod, segments)
+
     def __call__(self, inputs: PackedInputs) -> jax.Array:
         tokens, image = self._conditioning(inputs)
         # The residual stream is float32 (the modulation is); each layer casts its matmul inputs to the compute dtype.
@@ -297,20 +327,7 @@ class DiT(nnx.Module):
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
         context = self.encode_text(inputs)
 
-        temb = self.t_mlp2(jax.nn.silu(self.t_mlp1(timestep_embedding(inputs.t, self.time_freq_dim))))  # [B, S, D]
-        if self.pooled_text is not None:
-            temb = temb + self.pooled_text(self.pool_text(context, inputs.text_segments, inputs.t.shape[1]))
-        if self.meta_mlp is not None:
-            if inputs.meta is None:
-                raise ValueError("this model conditions on per-sample metadata (config.model.meta_conditioning); "
-                                 "pass PackedInputs.meta [B, S, 4] = (fps, height, width, duration).")
-            temb = temb + self.meta_mlp(meta_features(inputs.meta))
-        mod = gather_segments(self.t_mod(jax.nn.silu(temb)), inputs.segments)  # [B, L, 6D]
-        if self.final_table is None:
-            final_mod = self.final_mod(jax.nn.silu(temb))
-        else:
-            final_mod = (temb[..., None, :] + self.final_table[...]).reshape(*temb.shape[:-1], 2 * self.hidden)
-        final_mod = gather_segments(final_mod, inputs.segments)
+        mod, final_mod = self._modulation(inputs, context)
 
         rope = rope_angles(inputs.positions, self.hidden // self.heads, self.rope_theta)
         x = self.run_blocks(x, (mod, rope, inputs.segments, context, inputs.text_segments, image,

@@ -87,7 +87,7 @@ class DiTTask:
     def loss(self, model, frozen, batch, key, step):
         del step
         batch = self._with_caption_features(frozen, batch)
-        loss, aux = flow_loss(model, batch, key, self.config.flow, self.config.flow.caption_dropout)
+        loss, aux = flow_loss(model, batch, key, self.config.flow, self.config.flow.caption_dropout, tasks=True)
         return loss, {"count": aux["real_tokens"]}
 
     def eval_metrics(self, model, frozen, batch, key) -> dict:
