@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -147,16 +148,21 @@ class Sampler:
         return text, text_seg, positions
 
     def generate(self, prompts, width: int, height: int, frames: int, steps: int = 30,
-                 guidance: float = 3.0, seed: int = 0, progress: bool = True, fps: float = 0.0) -> np.ndarray:
+                 guidance: float = 3.0, seed: int = 0, progress: bool = True, fps: float = 0.0,
+                 condition: "Condition | None" = None) -> np.ndarray:
         """Generates uint8 videos [P, frames, height, width, 3], one per prompt.
 
         fps (0: config.sample.fps) is what a metadata-conditioned model is asked for; others ignore it.
+        condition: latent frames handed to the model clean (kept as they are: image-to-video, extension, loops,
+        transitions) and/or a start from the noised given latents instead of pure noise (SDEdit, video-to-video);
+        see Condition and sora_jax/modes.py.
         """
         fps = float(fps or self.config.sample.fps)
         grid = check_request(self.config, prompts, width, height, frames, steps)
         n, p = int(np.prod(grid)), len(prompts)
         dim = int(np.prod(self.patch)) * self.autoencoder.channels
         text, text_segments, text_positions = self.caption_inputs(prompts)
+        clean, given = (None, None) if condition is None else condition.tokens(grid, self.patch, p)
         inputs = PackedInputs(
             tokens=None, positions=jnp.asarray(np.broadcast_to(patching.positions(grid), (p, n, 3))),
             segments=jnp.ones((p, n), jnp.int32), t=jnp.ones((p, 1), jnp.float32),
@@ -165,18 +171,48 @@ class Sampler:
             # Images are 1-frame samples with no frame rate, as the data pipeline records them.
             meta=jnp.asarray(np.broadcast_to(np.asarray([fps if frames > 1 else 0.0, height, width,
                                                          frames / fps if frames > 1 else 0.0], np.float32),
-                                             (p, 1, 4))))
+                                             (p, 1, 4))),
+            given=None if given is None or not given.any() else jnp.asarray(given))
         shift = float(token_shift(jnp.float32(n), self.config.flow))
         x = jax.random.normal(jax.random.key(seed), (p, n, dim), jnp.float32)
+        ts = timesteps(steps, shift)
+        if condition is not None and condition.strength < 1.0:  # SDEdit: the given latents noised to `strength`
+            ts = np.concatenate([[condition.strength], ts[ts < condition.strength]]).astype(ts.dtype)
+            x = (1.0 - condition.strength) * clean + condition.strength * x
+        keep = (lambda x: x) if inputs.given is None else (  # noqa: E731
+            lambda x: jnp.where(inputs.given[..., None], clean, x))
 
         def step_fn(x, t, dt):
-            return self._step(self.params, inputs, x, t, dt, guidance=float(guidance))
+            return keep(self._step(self.params, inputs, x, t, dt, guidance=float(guidance)))
 
-        with tqdm(total=steps, desc="sampling", disable=not progress, file=sys.stderr) as bar:
-            x = euler_sample(step_fn, x, timesteps(steps, shift), bar)
+        with tqdm(total=len(ts) - 1, desc="sampling", disable=not progress, file=sys.stderr) as bar:
+            x = euler_sample(step_fn, keep(x), ts, bar)
         latents = jnp.stack([patching.unpatchify(x[i], grid, self.patch, self.autoencoder.channels)
                              for i in range(p)])
         return to_uint8(np.asarray(self.autoencoder.decode(latents)))
+
+
+class Condition(NamedTuple):
+    """What a generation starts from besides text.
+
+    latents: [P or 1, T', H', W', C] latents of the request's size (normalised, as the autoencoder encodes);
+      only the given frames' values and, for strength < 1, all of them are read.
+    given: [P or 1, T'] bool: latent frames handed to the model clean and kept unchanged.
+    strength: 1 starts from pure noise; s < 1 starts at t = s from the latents noised to s (SDEdit).
+    """
+    latents: np.ndarray
+    given: np.ndarray
+    strength: float = 1.0
+
+    def tokens(self, grid, patch, prompts: int) -> tuple[jax.Array, np.ndarray]:
+        """(clean latent patches [P, n, D], given [P, n]): a token is given when every latent frame it covers is."""
+        latents = np.broadcast_to(self.latents, (prompts,) + self.latents.shape[1:])
+        given = np.broadcast_to(self.given, (prompts, self.given.shape[1]))
+        clean = jnp.stack([patching.patchify(np.asarray(v, np.float32), patch) for v in latents])
+        token_frame = patching.positions(grid)[:, 0]
+        pt = patch[0]
+        per_token = np.stack([given[:, token_frame * pt + k] for k in range(pt)]).all(axis=0)
+        return clean, per_token
 
 
 def sample_to_dir(sampler: Sampler, prompts, out: str, width: int, height: int, frames: int, steps: int,
@@ -185,10 +221,17 @@ def sample_to_dir(sampler: Sampler, prompts, out: str, width: int, height: int, 
     videos = sampler.generate(prompts, width, height, frames, steps, guidance, seed, fps=fps)
     paths = []
     for i, (prompt, video) in enumerate(zip(prompts, videos)):
-        name = f"{i:03d}_{slug(prompt)}"
-        paths += write_media(out, name, video, fps)
-        record = dict(prompt=prompt, width=width, height=height, frames=frames, fps=fps, steps=steps,
-                      guidance=guidance, seed=seed, checkpoint_step=getattr(sampler, "checkpoint_step", None))
-        with open(os.path.join(out, name + ".json"), "w") as f:
-            json.dump(record, f, indent=2)
+        request = dict(mode="t2v" if frames > 1 else "t2i", width=width, height=height, frames=frames, fps=fps,
+                       steps=steps, guidance=guidance, seed=seed,
+                       checkpoint_step=getattr(sampler, "checkpoint_step", None))
+        paths += write_result(out, i, prompt, video, request)
     return videos, paths
+
+
+def write_result(out: str, index: int, prompt: str, video: np.ndarray, request: dict) -> list[str]:
+    """Writes one result's media (MP4 + GIF, or PNG) and a JSON sidecar of the request; returns the media paths."""
+    name = f"{index:03d}_{slug(prompt)}"
+    paths = write_media(out, name, video, int(request["fps"]))
+    with open(os.path.join(out, name + ".json"), "w") as f:
+        json.dump({"prompt": prompt, **request, "frames_written": int(video.shape[0])}, f, indent=2)
+    return paths

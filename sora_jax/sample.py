@@ -1,7 +1,18 @@
-"""Sampling CLI; see sora_jax/generation.py for the library.
+"""Sampling CLI; see sora_jax/generation.py and sora_jax/modes.py for the library.
 
   python -m sora_jax.sample --workdir=DIR --prompt="..." [--prompt=...] --width=W --height=H --frames=N \
-      --out=DIR [--steps=S --guidance=G --seed=K]
+      --out=DIR [--steps=S --guidance=G --seed=K] [--mode=t2v|t2i|i2v|v2v|extend|loop|transition|long]
+
+  --mode=i2v --image=PATH [--image_frame=K]            animate an image (kept as frame K)
+  --mode=v2v --video=PATH --strength=S                 restyle a video (0 keeps it, 1 ignores it)
+  --mode=extend --video=PATH --direction=forward|backward --seconds=X
+  --mode=loop                                          a clip that plays seamlessly end to end
+  --mode=transition --video=A --video_end=B            from the end of A to the start of B
+  --mode=long --seconds=X                              rolling extension; memory of one window
+  --mode=t2i                                           one frame (--frames is ignored)
+
+Each result is written as MP4 + GIF (PNG for one frame) with a JSON sidecar of the whole request and seed;
+the same request and seed give the same video.
 """
 from __future__ import annotations
 
@@ -12,7 +23,8 @@ from absl import app, flags
 
 from sora_jax import console
 from sora_jax.config_validation import ConfigError
-from sora_jax.generation import Sampler, check_request, sample_to_dir
+from sora_jax.generation import Sampler, check_request, sample_to_dir, write_result
+from sora_jax.modes import DIRECTIONS, MODES, run_mode
 from sora_jax.train import checkpointing
 
 FLAGS = flags.FLAGS
@@ -27,6 +39,14 @@ flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: c
 flags.DEFINE_integer("seed", 0, "Noise seed.")
 flags.DEFINE_integer("fps", None, "Frames per second of the written MP4/GIF.")
 flags.DEFINE_bool("use_ema", True, "Sample with the EMA parameters.")
+flags.DEFINE_enum("mode", "t2v", list(MODES), "What to generate (see above).")
+flags.DEFINE_string("image", None, "i2v: the image to animate.")
+flags.DEFINE_integer("image_frame", 0, "i2v: the frame the image is kept at.")
+flags.DEFINE_string("video", None, "v2v / extend / transition: the source video (transition: the first one).")
+flags.DEFINE_string("video_end", None, "transition: the video to arrive at.")
+flags.DEFINE_float("strength", 0.6, "v2v: how far the source is noised, in [0, 1].")
+flags.DEFINE_enum("direction", "forward", list(DIRECTIONS), "extend: after the end or before the start.")
+flags.DEFINE_float("seconds", None, "extend / long: seconds to generate.")
 console.define_verbose_flag()
 
 
@@ -58,9 +78,23 @@ def _sample() -> None:
     out = FLAGS.out or os.path.join(FLAGS.workdir, "samples")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out={out} is an existing file; give a directory (it is created if missing).")
+    frames = 1 if FLAGS.mode == "t2i" else frames
     check_request(config, FLAGS.prompt, width, height, frames, steps)
+    if FLAGS.mode in ("t2v", "t2i"):
+        sampler = Sampler.from_workdir(FLAGS.workdir, FLAGS.use_ema)
+        _, paths = sample_to_dir(sampler, FLAGS.prompt, out, width, height, frames, steps, guidance, FLAGS.seed, fps)
+        print("Wrote:\n  " + "\n  ".join(paths))
+        return
+    request = dict(mode=FLAGS.mode, width=width, height=height, frames=frames, fps=fps, steps=steps,
+                   guidance=guidance, seed=FLAGS.seed, image=FLAGS.image, image_frame=FLAGS.image_frame,
+                   video=FLAGS.video, video_end=FLAGS.video_end, strength=FLAGS.strength, direction=FLAGS.direction,
+                   seconds=FLAGS.seconds)
+    run_mode(None, "", request, check_only=True)  # media present, strength and lengths valid: before restoring
     sampler = Sampler.from_workdir(FLAGS.workdir, FLAGS.use_ema)
-    _, paths = sample_to_dir(sampler, FLAGS.prompt, out, width, height, frames, steps, guidance, FLAGS.seed, fps)
+    paths = []
+    for i, prompt in enumerate(FLAGS.prompt):
+        video = run_mode(sampler, prompt, request)
+        paths += write_result(out, i, prompt, video, {**request, "checkpoint_step": sampler.checkpoint_step})
     print("Wrote:\n  " + "\n  ".join(paths))
 
 

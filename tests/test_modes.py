@@ -1,0 +1,128 @@
+"""Generation modes (sora_jax/modes.py) on a randomised pixel-space model: given frames come back unchanged,
+each mode's output has the promised layout, bad requests are refused before anything is restored, and the
+CLI writes media with a JSON sidecar. Whether a *trained* model continues motion well is measured in
+BUILD_NOTES, not here."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from sora_jax import modes
+from sora_jax.config_validation import ConfigError
+from sora_jax.generation import Sampler
+from sora_jax.video_io import write_mp4
+from tests.conftest import ROOT, randomised_model, smoke_config
+
+PROMPT = "a red circle moving right"
+FAST = dict(steps=2, guidance=1.0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    config = smoke_config()
+    graphdef, params = nnx.split(randomised_model(config), nnx.Param)
+    return Sampler(config, graphdef, params)
+
+
+@pytest.fixture(scope="module")
+def media_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    image = str(root / "still.png")
+    Image.fromarray(rng.integers(0, 255, (20, 30, 3), np.uint8)).save(image)
+    clips = []
+    for name, shade in (("a.mp4", 40), ("b.mp4", 200)):
+        frames = np.full((5, 16, 16, 3), shade, np.uint8)
+        frames[:, :, :, 0] = np.arange(5)[:, None, None] * 40  # a little change per frame
+        write_mp4(str(root / name), frames, 8)
+        clips.append(str(root / name))
+    junk = str(root / "junk.mp4")
+    with open(junk, "wb") as f:
+        f.write(b"not a video at all" * 10)
+    return image, clips[0], clips[1], junk
+
+
+def test_i2v_keeps_the_image_at_its_frame(sampler, media_files):
+    image = media_files[0]
+    expected = modes.read_media(image, 16, 16, 1)[0]  # covered and centre-cropped: 20x30 -> 16x16
+    for k in (0, 2):
+        video = modes.image_to_video(sampler, PROMPT, image, 16, 16, 4, image_frame=k, **FAST)
+        assert video.shape == (4, 16, 16, 3)
+        np.testing.assert_array_equal(video[k], expected)
+        assert not np.array_equal(video[(k + 1) % 4], expected)  # the other frames are generated
+
+
+@pytest.mark.parametrize("direction", modes.DIRECTIONS)
+def test_extend_keeps_the_source_and_adds_the_seconds(sampler, media_files, direction):
+    source = modes.read_media(media_files[1], 16, 16, modes.MAX_SOURCE_FRAMES, fps=8)
+    video = modes.extend(sampler, PROMPT, media_files[1], 16, 16, seconds=0.25, direction=direction, fps=8, **FAST)
+    assert video.shape[0] == len(source) + 2
+    kept = video[:len(source)] if direction == "forward" else video[-len(source):]
+    np.testing.assert_array_equal(kept, source)
+
+
+def test_v2v_strength_zero_keeps_the_video_and_a_request_repeats_exactly(sampler, media_files):
+    source = modes.read_media(media_files[1], 16, 16, 4, fps=8)
+    kept = modes.video_to_video(sampler, PROMPT, media_files[1], 16, 16, 4, 0.0, fps=8, **FAST)
+    np.testing.assert_array_equal(kept, source)
+    # (How close a partial strength stays is the trained model's business; this one is random.)
+    first, again = (modes.video_to_video(sampler, PROMPT, media_files[1], 16, 16, 4, 0.5, fps=8, **FAST)
+                    for _ in range(2))
+    assert first.shape == source.shape and not np.array_equal(first, source)
+    np.testing.assert_array_equal(first, again)  # the same request and seed give the same video
+
+
+def test_loop_transition_and_long_videos(sampler, media_files, capsys):
+    clip = modes.loop(sampler, PROMPT, 16, 16, 4, fps=8, **FAST)
+    assert clip.shape == (4, 16, 16, 3)
+    steps = np.abs(np.diff(clip.astype(float), axis=0)).mean()
+    seam = np.abs(clip[0].astype(float) - clip[-1]).mean()
+    print(f"loop seam / typical frame step (randomised model): {seam / steps:.2f}")
+    a, b = (modes.read_media(p, 16, 16, modes.MAX_SOURCE_FRAMES, fps=8) for p in media_files[1:3])
+    joined = modes.transition(sampler, PROMPT, media_files[1], media_files[2], 16, 16, 3, fps=8, **FAST)
+    assert joined.shape[0] == len(a) + 3 + len(b)
+    np.testing.assert_array_equal(joined[:len(a)], a)
+    np.testing.assert_array_equal(joined[-len(b):], b)
+    windows = []
+    video = modes.long_video(sampler, PROMPT, 16, 16, seconds=2.0, fps=8, window=4, context=2,
+                             on_window=lambda done, wanted: windows.append(done), **FAST)
+    assert video.shape == (16, 16, 16, 3) and len(windows) >= 5  # 4 frames, then 2 new per window
+
+
+def test_bad_requests_are_refused_before_restoring(media_files, tmp_path):
+    image, clip, _, junk = media_files
+    base = dict(mode="i2v", width=16, height=16, frames=4, fps=8, steps=2, guidance=1.0, seed=0, image=None,
+                image_frame=0, video=None, video_end=None, strength=0.5, direction="forward", seconds=None)
+    cases = [({"mode": "i2v"}, "--mode=i2v needs --image"),
+             ({"mode": "transition", "video": clip}, "needs --video_end"),
+             ({"mode": "extend", "video": clip}, "needs --seconds"),
+             ({"mode": "v2v", "video": clip, "strength": 1.5}, r"--strength=1.5 must be in \[0, 1\]"),
+             ({"mode": "extend", "video": clip, "seconds": 100.0}, r"--seconds=100.0 must be in \(0, 60.0\]"),
+             ({"mode": "i2v", "image": str(tmp_path / "absent.png")}, "absent.png does not exist"),
+             ({"mode": "i2v", "image": junk}, "junk.mp4 cannot be used")]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            modes.run_mode(None, PROMPT, {**base, **overrides}, check_only=True)
+    with pytest.raises(ConfigError, match=r"--image_frame=4 must be in \[0, --frames=4\)"):
+        modes.image_to_video(None, PROMPT, image, 16, 16, 4, image_frame=4)
+
+
+def test_cli_writes_each_mode_with_its_request(trained_workdir, media_files, tmp_path):
+    out = str(tmp_path / "out")
+    run = lambda *flags: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "sora_jax.sample", f"--workdir={trained_workdir}", f"--prompt={PROMPT}",
+         "--width=16", "--height=16", "--frames=4", "--steps=2", f"--out={out}", *flags], cwd=ROOT,
+        capture_output=True, text=True, timeout=600)
+    r = run("--mode=i2v", f"--image={media_files[0]}", "--image_frame=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(os.path.join(out, "000_a_red_circle_moving_right.json")) as f:
+        record = json.load(f)
+    assert record["mode"] == "i2v" and record["image"] == media_files[0] and record["frames_written"] == 4
+    assert os.path.exists(os.path.join(out, "000_a_red_circle_moving_right.mp4"))
+    r = run("--mode=extend", "--seconds=1")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "error: --mode=extend needs --video.", r.stderr
