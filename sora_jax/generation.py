@@ -24,7 +24,7 @@ from sora_jax import patching
 from sora_jax.config_validation import ConfigError, check_video_size
 from sora_jax.convert.hf_text import caption_encoder_of, encode_captions
 from sora_jax.diffusion.flow import predict_velocity, token_shift
-from sora_jax.diffusion.solvers import euler_sample, guided_velocity, timesteps
+from sora_jax.diffusion.solvers import SOLVERS, integrate, timesteps
 from sora_jax.models import build_model
 from sora_jax.models.autoencoder import build_autoencoder
 from sora_jax.models.dit import PackedInputs
@@ -83,7 +83,7 @@ class Sampler:
         self.tokenizer = build_tokenizer(config.text)
         self.autoencoder = build_autoencoder(config.autoencoder)
         self.patch = tuple(config.model.patch)
-        self._step = jax.jit(self._euler_step, static_argnames=("guidance",))
+        self._vel = jax.jit(self._velocity, static_argnames=("guidance",))
         # A frozen caption encoder (config.text.path): the very one, and the same features, as in training.
         self._caption_encoder = caption_encoder_of(config)
         self._encode_captions = jax.jit(encode_captions, static_argnums=0)
@@ -122,14 +122,19 @@ class Sampler:
         sampler.checkpoint_step = step
         return sampler
 
-    def _euler_step(self, params, inputs: PackedInputs, x, t, dt, guidance: float):
+    def _velocity(self, params, inputs: PackedInputs, x, t, guidance: float):
+        """The guided velocity at (x, t). With guidance, both branches (caption kept, caption dropped) go through
+        the model as one batch of 2P rows: one call, not two."""
         model = nnx.merge(self.graphdef, params)
-
-        def velocity(x, t, drop):
-            return predict_velocity(model, inputs._replace(
-                tokens=x, t=jnp.full_like(inputs.t, t), drop_text=jnp.full_like(inputs.drop_text, drop)),
-                self.config.flow)
-        return x + dt * guided_velocity(velocity, x, t, guidance)
+        inputs = inputs._replace(tokens=x, t=jnp.full_like(inputs.t, t))
+        if guidance == 1.0:
+            return predict_velocity(model, inputs._replace(drop_text=jnp.zeros_like(inputs.drop_text)),
+                                    self.config.flow)
+        both = jax.tree.map(lambda a: jnp.concatenate([a, a]), inputs)
+        both = both._replace(drop_text=jnp.concatenate([jnp.zeros_like(inputs.drop_text),
+                                                        jnp.ones_like(inputs.drop_text)]))
+        v_cond, v_uncond = jnp.split(predict_velocity(model, both, self.config.flow), 2)
+        return v_uncond + guidance * (v_cond - v_uncond)
 
     def caption_inputs(self, prompts) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(text, text_segments, text_positions), one prompt per row of config.text.max_len slots: token ids
@@ -149,14 +154,18 @@ class Sampler:
 
     def generate(self, prompts, width: int, height: int, frames: int, steps: int = 30,
                  guidance: float = 3.0, seed: int = 0, progress: bool = True, fps: float = 0.0,
-                 condition: "Condition | None" = None) -> np.ndarray:
+                 condition: "Condition | None" = None, solver: str = "") -> np.ndarray:
         """Generates uint8 videos [P, frames, height, width, 3], one per prompt.
 
         fps (0: config.sample.fps) is what a metadata-conditioned model is asked for; others ignore it.
         condition: latent frames handed to the model clean (kept as they are: image-to-video, extension, loops,
         transitions) and/or a start from the noised given latents instead of pure noise (SDEdit, video-to-video);
         see Condition and sora_jax/modes.py.
+        solver: one of SOLVERS ("": config.sample.solver, else Euler).
         """
+        solver = solver or self.config.sample.get("solver", "euler")
+        if solver not in SOLVERS:
+            raise ConfigError(f"solver {solver!r}; choose one of {SOLVERS}.")
         fps = float(fps or self.config.sample.fps)
         grid = check_request(self.config, prompts, width, height, frames, steps)
         n, p = int(np.prod(grid)), len(prompts)
@@ -179,14 +188,12 @@ class Sampler:
         if condition is not None and condition.strength < 1.0:  # SDEdit: the given latents noised to `strength`
             ts = np.concatenate([[condition.strength], ts[ts < condition.strength]]).astype(ts.dtype)
             x = (1.0 - condition.strength) * clean + condition.strength * x
-        keep = (lambda x: x) if inputs.given is None else (  # noqa: E731
-            lambda x: jnp.where(inputs.given[..., None], clean, x))
+        given = inputs.given
 
-        def step_fn(x, t, dt):
-            return keep(self._step(self.params, inputs, x, t, dt, guidance=float(guidance)))
-
+        def velocity(x, t):
+            return self._vel(self.params, inputs, x, jnp.float32(t), guidance=float(guidance))
         with tqdm(total=len(ts) - 1, desc="sampling", disable=not progress, file=sys.stderr) as bar:
-            x = euler_sample(step_fn, keep(x), ts, bar)
+            x = integrate(solver, velocity, x, ts, bar, None if given is None else (given[..., None], clean))
         latents = jnp.stack([patching.unpatchify(x[i], grid, self.patch, self.autoencoder.channels)
                              for i in range(p)])
         return to_uint8(np.asarray(self.autoencoder.decode(latents)))
@@ -216,13 +223,14 @@ class Condition(NamedTuple):
 
 
 def sample_to_dir(sampler: Sampler, prompts, out: str, width: int, height: int, frames: int, steps: int,
-                  guidance: float, seed: int, fps: int) -> tuple[np.ndarray, list[str]]:
+                  guidance: float, seed: int, fps: int, solver: str = "") -> tuple[np.ndarray, list[str]]:
     """Generates and writes media + a JSON record per prompt; returns (videos, paths)."""
-    videos = sampler.generate(prompts, width, height, frames, steps, guidance, seed, fps=fps)
+    solver = solver or sampler.config.sample.get("solver", "euler")
+    videos = sampler.generate(prompts, width, height, frames, steps, guidance, seed, fps=fps, solver=solver)
     paths = []
     for i, (prompt, video) in enumerate(zip(prompts, videos)):
         request = dict(mode="t2v" if frames > 1 else "t2i", width=width, height=height, frames=frames, fps=fps,
-                       steps=steps, guidance=guidance, seed=seed,
+                       steps=steps, guidance=guidance, seed=seed, solver=solver,
                        checkpoint_step=getattr(sampler, "checkpoint_step", None))
         paths += write_result(out, i, prompt, video, request)
     return videos, paths

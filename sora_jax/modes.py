@@ -232,7 +232,7 @@ def run_mode(sampler: Sampler | None, prompt: str, request: dict, check_only: bo
     if check_only:
         return None
     r = request
-    common = dict(steps=r["steps"], guidance=r["guidance"], seed=r["seed"], progress=True)
+    common = dict(steps=r["steps"], guidance=r["guidance"], seed=r["seed"], progress=True, solver=r.get("solver", ""))
     size = (r["width"], r["height"])
     if mode in ("t2v", "t2i"):
         return sampler.generate([prompt], *size, 1 if mode == "t2i" else r["frames"], fps=r["fps"], **common)[0]

@@ -23,6 +23,7 @@ from absl import app, flags
 
 from sora_jax import console
 from sora_jax.config_validation import ConfigError
+from sora_jax.diffusion.solvers import SOLVERS
 from sora_jax.generation import Sampler, check_request, sample_to_dir, write_result
 from sora_jax.modes import DIRECTIONS, MODES, run_mode
 from sora_jax.train import checkpointing
@@ -47,6 +48,7 @@ flags.DEFINE_string("video_end", None, "transition: the video to arrive at.")
 flags.DEFINE_float("strength", 0.6, "v2v: how far the source is noised, in [0, 1].")
 flags.DEFINE_enum("direction", "forward", list(DIRECTIONS), "extend: after the end or before the start.")
 flags.DEFINE_float("seconds", None, "extend / long: seconds to generate.")
+flags.DEFINE_enum("solver", None, list(SOLVERS), "ODE solver (default: config.sample.solver).")
 console.define_verbose_flag()
 
 
@@ -79,16 +81,18 @@ def _sample() -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out={out} is an existing file; give a directory (it is created if missing).")
     frames = 1 if FLAGS.mode == "t2i" else frames
+    solver = FLAGS.solver or s.get("solver", "euler")
     check_request(config, FLAGS.prompt, width, height, frames, steps)
     if FLAGS.mode in ("t2v", "t2i"):
         sampler = Sampler.from_workdir(FLAGS.workdir, FLAGS.use_ema)
-        _, paths = sample_to_dir(sampler, FLAGS.prompt, out, width, height, frames, steps, guidance, FLAGS.seed, fps)
+        _, paths = sample_to_dir(sampler, FLAGS.prompt, out, width, height, frames, steps, guidance, FLAGS.seed, fps,
+                                 solver)
         print("Wrote:\n  " + "\n  ".join(paths))
         return
     request = dict(mode=FLAGS.mode, width=width, height=height, frames=frames, fps=fps, steps=steps,
                    guidance=guidance, seed=FLAGS.seed, image=FLAGS.image, image_frame=FLAGS.image_frame,
                    video=FLAGS.video, video_end=FLAGS.video_end, strength=FLAGS.strength, direction=FLAGS.direction,
-                   seconds=FLAGS.seconds)
+                   seconds=FLAGS.seconds, solver=solver)
     run_mode(None, "", request, check_only=True)  # media present, strength and lengths valid: before restoring
     sampler = Sampler.from_workdir(FLAGS.workdir, FLAGS.use_ema)
     paths = []

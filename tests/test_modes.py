@@ -126,3 +126,28 @@ def test_cli_writes_each_mode_with_its_request(trained_workdir, media_files, tmp
     assert os.path.exists(os.path.join(out, "000_a_red_circle_moving_right.mp4"))
     r = run("--mode=extend", "--seconds=1")
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "error: --mode=extend needs --video.", r.stderr
+
+
+def test_guidance_runs_both_branches_as_one_batched_call(sampler, monkeypatch):
+    import jax.numpy as jnp
+
+    from sora_jax import generation
+    from sora_jax.models.dit import PackedInputs
+    text, segs, pos = sampler.caption_inputs([PROMPT, "a blue square moving up"])
+    n, dim = 2 * 2 * 2, 8 * 8 * 3
+    inputs = PackedInputs(None, jnp.asarray(np.broadcast_to(np.stack(np.meshgrid(
+        np.arange(2), np.arange(2), np.arange(2), indexing="ij"), -1).reshape(n, 3), (2, n, 3)).astype(np.int32)),
+        jnp.ones((2, n), jnp.int32), jnp.ones((2, 1)), text, segs, pos, jnp.zeros((2, 1), bool),
+        jnp.asarray(np.full((2, 1, 4), [8.0, 16, 16, 0.25], np.float32)))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, n, dim)).astype(np.float32))
+    calls = []
+    real = generation.predict_velocity
+    monkeypatch.setattr(generation, "predict_velocity", lambda m, i, f: calls.append(i.tokens.shape) or real(m, i, f))
+    guided = np.asarray(sampler._velocity(sampler.params, inputs, x, 0.7, guidance=3.0))
+    assert calls == [(4, n, dim)]  # one call over both branches
+    model = nnx.merge(sampler.graphdef, sampler.params)
+    one = lambda drop: np.asarray(real(model, inputs._replace(  # noqa: E731
+        tokens=x, t=jnp.full((2, 1), 0.7), drop_text=jnp.full((2, 1), drop)), sampler.config.flow))
+    cond, uncond = one(False), one(True)
+    np.testing.assert_allclose(guided, uncond + 3.0 * (cond - uncond), rtol=0, atol=1e-4)
+    assert np.abs(cond - uncond).max() > 1e-3

@@ -16,18 +16,36 @@ def timesteps(steps: int, shift: float) -> np.ndarray:
     return np.asarray(shift_t(jnp.asarray(t), jnp.float32(shift)))
 
 
-def guided_velocity(velocity_fn: Callable, x, t, guidance: float):
-    """Classifier-free guidance: v_u + g (v_c - v_u); `velocity_fn(x, t, drop_text)`."""
-    if guidance == 1.0:
-        return velocity_fn(x, t, False)
-    v_cond, v_uncond = velocity_fn(x, t, False), velocity_fn(x, t, True)
-    return v_uncond + guidance * (v_cond - v_uncond)
+SOLVERS = ("euler", "heun", "unipc")
 
 
-def euler_sample(step_fn: Callable, x: jax.Array, ts: np.ndarray, progress=None) -> jax.Array:
-    """Euler integration; `step_fn(x, t, dt)` returns the next x (one jitted call per step)."""
+def integrate(solver: str, velocity_fn: Callable, x: jax.Array, ts: np.ndarray, progress=None,
+              given: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """Integrates dx/dt = velocity_fn(x, t) over the decreasing times ts (the last 0) with one of SOLVERS.
+
+    euler: first order, one velocity per step. heun: second order (Euler, then the trapezoid with the velocity
+    at the Euler point; the last step to t = 0 stays Euler, as diffusers' Heun does), two per step. unipc:
+    UniPC-bh2 multistep (unipc_sample), one per step.
+    given: (mask [.., 1] bool, clean values): entries held at their clean values throughout. Euler and Heun reset
+      them after every update; for UniPC their velocity is the one whose x_0 estimate is the clean value, which
+      its data-prediction update keeps exactly, and the result is reset once more.
+    """
+    keep = (lambda x: x) if given is None else (lambda x: jnp.where(given[0], given[1], x))  # noqa: E731
+    x = keep(x)
+    if solver == "unipc":
+        def velocity(x, i):
+            v = velocity_fn(x, ts[i])
+            return v if given is None else jnp.where(given[0], (x - given[1]) / ts[i], v)
+        return keep(unipc_sample(velocity, x, ts, progress=progress))
+    if solver not in ("euler", "heun"):
+        raise ValueError(f"solver {solver!r}; choose one of {SOLVERS}.")
     for i in range(len(ts) - 1):
-        x = step_fn(x, jnp.float32(ts[i]), jnp.float32(ts[i + 1] - ts[i]))
+        t, dt = float(ts[i]), float(ts[i + 1] - ts[i])
+        v = velocity_fn(x, t)
+        euler = keep(x + dt * v)
+        if solver == "heun" and ts[i + 1] > 0:
+            euler = keep(x + dt * 0.5 * (v + velocity_fn(euler, float(ts[i + 1]))))
+        x = euler
         if progress is not None:
             progress.update(1)
     return x
