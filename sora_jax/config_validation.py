@@ -43,6 +43,34 @@ def check_video_size(config, width: int, height: int, frames: int, what: str = "
     return tuple(grid)
 
 
+def round_video_size(config, width: int, height: int, frames: int) -> tuple[int, int, int, str]:
+    """The valid request nearest to (width, height, frames), and a line saying what was rounded ("" if nothing).
+
+    Rule: width and height go to the nearest multiple of the autoencoder's spatial stride x the patch (ties
+    upward, at least one unit); frames to the nearest count whose latent frames the temporal patch divides
+    (for a causal VAE of stride s: 1 + s k frames), ties upward. Non-positive sizes are left for
+    check_video_size to refuse.
+    """
+    if min(width, height, frames) <= 0:
+        return width, height, frames, ""
+    ae = build_autoencoder(config.autoencoder)
+    pt, ph, pw = config.model.patch
+    unit_h, unit_w = ae.stride[1] * ph, ae.stride[2] * pw
+    near = lambda size, unit: max(unit, int(math.floor(size / unit + 0.5)) * unit)  # noqa: E731
+    h, w = near(height, unit_h), near(width, unit_w)
+
+    def fits(f):
+        try:
+            return ae.latent_shape(f, h, w)[0] % pt == 0
+        except ValueError:
+            return False
+    f = min((c for c in range(1, 2 * frames + 8 * ae.stride[0] * pt) if fits(c)), key=lambda c: (abs(c - frames), -c))
+    if (w, h, f) == (width, height, frames):
+        return w, h, f, ""
+    return w, h, f, (f"rounded {width}x{height}, {frames} frames to {w}x{h}, {f} frames: sides are multiples of "
+                     f"{unit_w} x {unit_h} and frame counts fit the autoencoder's stride x patch.")
+
+
 def validate(config, task) -> None:
     """Checks a training config (common fields, then `task`'s own checks); raises ConfigError before any
     compile. The caller builds the task (sora_jax.tasks.build_task): tasks import these checks, never the

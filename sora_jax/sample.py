@@ -22,7 +22,7 @@ import os
 from absl import app, flags
 
 from sora_jax import console
-from sora_jax.config_validation import ConfigError
+from sora_jax.config_validation import ConfigError, round_video_size
 from sora_jax.diffusion.solvers import SOLVERS
 from sora_jax.generation import Sampler, check_request, sample_to_dir, write_result
 from sora_jax.modes import DIRECTIONS, MODES, run_mode
@@ -81,6 +81,9 @@ def _sample() -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out={out} is an existing file; give a directory (it is created if missing).")
     frames = 1 if FLAGS.mode == "t2i" else frames
+    width, height, frames, rounded = round_video_size(config, width, height, frames)
+    if rounded:
+        print(rounded)
     solver = FLAGS.solver or s.get("solver", "euler")
     check_request(config, FLAGS.prompt, width, height, frames, steps)
     if FLAGS.mode in ("t2v", "t2i"):

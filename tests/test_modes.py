@@ -151,3 +151,18 @@ def test_guidance_runs_both_branches_as_one_batched_call(sampler, monkeypatch):
     cond, uncond = one(False), one(True)
     np.testing.assert_allclose(guided, uncond + 3.0 * (cond - uncond), rtol=0, atol=1e-4)
     assert np.abs(cond - uncond).max() > 1e-3
+
+
+def test_sizes_the_factors_do_not_divide_are_rounded_by_the_documented_rule():
+    from configs import wan21
+    from sora_jax.config_validation import check_video_size, round_video_size
+    wan = wan21.get_config("1.3B")  # latents of stride (4, 8, 8), patch (1, 2, 2): sides of 16, 1 + 4k frames
+    for request, want in [((1920, 1080, 80), (1920, 1088, 81)), ((1080, 1920, 81), (1088, 1920, 81)),
+                          ((2048, 2048, 1), (2048, 2048, 1)), ((1000, 563, 7), (1008, 560, 9))]:
+        w, h, f, note = round_video_size(wan, *request)
+        assert (w, h, f) == want, request
+        assert check_video_size(wan, w, h, f)  # what it rounds to is accepted
+        assert (note == "") == (want == request)
+        if note:
+            assert note.startswith(f"rounded {request[0]}x{request[1]}, {request[2]} frames to {w}x{h}, {f} frames")
+    assert round_video_size(smoke_config(), 48, 32, 8)[:3] == (48, 32, 8)
