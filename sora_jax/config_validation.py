@@ -36,9 +36,11 @@ def check_video_size(config, width: int, height: int, frames: int, what: str = "
                                                 ae.stride, config.model.patch):
         if lsize % patch:
             unit = stride * patch
+            w, h, f, _ = round_video_size(config, width, height, frames)
             raise ConfigError(
                 f"{what}{name}={size} is not divisible by {unit} (autoencoder stride {stride} x patch {patch}); "
-                f"its {lsize} latent {name} must be a multiple of the patch size {patch}.")
+                f"its {lsize} latent {name} must be a multiple of the patch size {patch}. The nearest valid "
+                f"request is {w}x{h}, {f} frames.")
         grid.append(lsize // patch)
     return tuple(grid)
 
