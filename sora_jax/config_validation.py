@@ -36,11 +36,13 @@ def check_video_size(config, width: int, height: int, frames: int, what: str = "
                                                 ae.stride, config.model.patch):
         if lsize % patch:
             unit = stride * patch
-            w, h, f, _ = round_video_size(config, width, height, frames)
+            nearest = ""
+            if what.startswith("--"):  # a sampling request: name the one the sample command would round to
+                w, h, f, _ = round_video_size(config, width, height, frames)
+                nearest = f" The nearest valid request is {w}x{h}, {f} frames."
             raise ConfigError(
                 f"{what}{name}={size} is not divisible by {unit} (autoencoder stride {stride} x patch {patch}); "
-                f"its {lsize} latent {name} must be a multiple of the patch size {patch}. The nearest valid "
-                f"request is {w}x{h}, {f} frames.")
+                f"its {lsize} latent {name} must be a multiple of the patch size {patch}.{nearest}")
         grid.append(lsize // patch)
     return tuple(grid)
 
