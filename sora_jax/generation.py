@@ -83,7 +83,7 @@ class Sampler:
         self.tokenizer = build_tokenizer(config.text)
         self.autoencoder = build_autoencoder(config.autoencoder)
         self.patch = tuple(config.model.patch)
-        self._vel = jax.jit(self._velocity, static_argnames=("guidance",))
+        self._vel = jax.jit(self._velocity, static_argnames=("guidance", "image_guidance"))
         # A frozen caption encoder (config.text.path): the very one, and the same features, as in training.
         self._caption_encoder = caption_encoder_of(config)
         self._encode_captions = jax.jit(encode_captions, static_argnums=0)
@@ -122,19 +122,32 @@ class Sampler:
         sampler.checkpoint_step = step
         return sampler
 
-    def _velocity(self, params, inputs: PackedInputs, x, t, guidance: float):
-        """The guided velocity at (x, t). With guidance, both branches (caption kept, caption dropped) go through
-        the model as one batch of 2P rows: one call, not two."""
+    def _velocity(self, params, inputs: PackedInputs, x, t, guidance: float, image_guidance: float = 1.0,
+                  clean=None, noise=None):
+        """The guided velocity at (x, t); every branch goes through the model in one batch (one call).
+
+        guidance: text guidance g. image_guidance: with given tokens, a separate scale g_i on them:
+        v = v_none + g_i (v_given - v_none) + g (v_full - v_given), where v_full has caption and given tokens,
+        v_given the given tokens only, v_none neither (its given tokens are noised to t like the rest, from
+        `noise`, and generated). g_i = 1 reduces to plain text guidance with the given tokens in both branches.
+        """
         model = nnx.merge(self.graphdef, params)
         inputs = inputs._replace(tokens=x, t=jnp.full_like(inputs.t, t))
-        if guidance == 1.0:
-            return predict_velocity(model, inputs._replace(drop_text=jnp.zeros_like(inputs.drop_text)),
-                                    self.config.flow)
-        both = jax.tree.map(lambda a: jnp.concatenate([a, a]), inputs)
-        both = both._replace(drop_text=jnp.concatenate([jnp.zeros_like(inputs.drop_text),
-                                                        jnp.ones_like(inputs.drop_text)]))
-        v_cond, v_uncond = jnp.split(predict_velocity(model, both, self.config.flow), 2)
-        return v_uncond + guidance * (v_cond - v_uncond)
+        kept, dropped = jnp.zeros_like(inputs.drop_text), jnp.ones_like(inputs.drop_text)
+        if guidance == 1.0 and image_guidance == 1.0:
+            return predict_velocity(model, inputs._replace(drop_text=kept), self.config.flow)
+        branches = [inputs._replace(drop_text=kept), inputs._replace(drop_text=dropped)]
+        separate = image_guidance != 1.0 and inputs.given is not None
+        if separate:
+            noised = jnp.where(inputs.given[..., None], (1.0 - t) * clean + t * noise, x)
+            branches.append(inputs._replace(tokens=noised, drop_text=dropped, given=jnp.zeros_like(inputs.given)))
+        batch = jax.tree.map(lambda *a: jnp.concatenate(a), *branches)
+        velocities = jnp.split(predict_velocity(model, batch, self.config.flow), len(branches))
+        if not separate:
+            v_cond, v_uncond = velocities
+            return v_uncond + guidance * (v_cond - v_uncond)
+        v_full, v_given, v_none = velocities
+        return v_none + image_guidance * (v_given - v_none) + guidance * (v_full - v_given)
 
     def caption_inputs(self, prompts) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(text, text_segments, text_positions), one prompt per row of config.text.max_len slots: token ids
@@ -154,7 +167,7 @@ class Sampler:
 
     def generate(self, prompts, width: int, height: int, frames: int, steps: int = 30,
                  guidance: float = 3.0, seed: int = 0, progress: bool = True, fps: float = 0.0,
-                 condition: "Condition | None" = None, solver: str = "") -> np.ndarray:
+                 condition: "Condition | None" = None, solver: str = "", image_guidance: float = 1.0) -> np.ndarray:
         """Generates uint8 videos [P, frames, height, width, 3], one per prompt.
 
         fps (0: config.sample.fps) is what a metadata-conditioned model is asked for; others ignore it.
@@ -162,6 +175,7 @@ class Sampler:
         transitions) and/or a start from the noised given latents instead of pure noise (SDEdit, video-to-video);
         see Condition and sora_jax/modes.py.
         solver: one of SOLVERS ("": config.sample.solver, else Euler).
+        image_guidance: a separate guidance scale on the given frames (see _velocity); 1 = text guidance only.
         """
         solver = solver or self.config.sample.get("solver", "euler")
         if solver not in SOLVERS:
@@ -183,7 +197,7 @@ class Sampler:
                                              (p, 1, 4))),
             given=None if given is None or not given.any() else jnp.asarray(given))
         shift = float(token_shift(jnp.float32(n), self.config.flow))
-        x = jax.random.normal(jax.random.key(seed), (p, n, dim), jnp.float32)
+        x = noise = jax.random.normal(jax.random.key(seed), (p, n, dim), jnp.float32)
         ts = timesteps(steps, shift)
         if condition is not None and condition.strength < 1.0:  # SDEdit: the given latents noised to `strength`
             ts = np.concatenate([[condition.strength], ts[ts < condition.strength]]).astype(ts.dtype)
@@ -191,7 +205,8 @@ class Sampler:
         given = inputs.given
 
         def velocity(x, t):
-            return self._vel(self.params, inputs, x, jnp.float32(t), guidance=float(guidance))
+            return self._vel(self.params, inputs, x, jnp.float32(t), guidance=float(guidance),
+                             image_guidance=float(image_guidance), clean=clean, noise=noise)
         with tqdm(total=len(ts) - 1, desc="sampling", disable=not progress, file=sys.stderr) as bar:
             x = integrate(solver, velocity, x, ts, bar, None if given is None else (given[..., None], clean))
         latents = jnp.stack([patching.unpatchify(x[i], grid, self.patch, self.autoencoder.channels)

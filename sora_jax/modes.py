@@ -232,7 +232,8 @@ def run_mode(sampler: Sampler | None, prompt: str, request: dict, check_only: bo
     if check_only:
         return None
     r = request
-    common = dict(steps=r["steps"], guidance=r["guidance"], seed=r["seed"], progress=True, solver=r.get("solver", ""))
+    common = dict(steps=r["steps"], guidance=r["guidance"], seed=r["seed"], progress=True, solver=r.get("solver", ""),
+                  image_guidance=r.get("image_guidance", 1.0))
     size = (r["width"], r["height"])
     if mode in ("t2v", "t2i"):
         return sampler.generate([prompt], *size, 1 if mode == "t2i" else r["frames"], fps=r["fps"], **common)[0]

@@ -49,6 +49,8 @@ flags.DEFINE_float("strength", 0.6, "v2v: how far the source is noised, in [0, 1
 flags.DEFINE_enum("direction", "forward", list(DIRECTIONS), "extend: after the end or before the start.")
 flags.DEFINE_float("seconds", None, "extend / long: seconds to generate.")
 flags.DEFINE_enum("solver", None, list(SOLVERS), "ODE solver (default: config.sample.solver).")
+flags.DEFINE_float("image_guidance", 1.0, "i2v / extend / loop / transition / long: a separate guidance scale on "
+                   "the given frames (1: text guidance only).")
 console.define_verbose_flag()
 
 
@@ -95,7 +97,7 @@ def _sample() -> None:
     request = dict(mode=FLAGS.mode, width=width, height=height, frames=frames, fps=fps, steps=steps,
                    guidance=guidance, seed=FLAGS.seed, image=FLAGS.image, image_frame=FLAGS.image_frame,
                    video=FLAGS.video, video_end=FLAGS.video_end, strength=FLAGS.strength, direction=FLAGS.direction,
-                   seconds=FLAGS.seconds, solver=solver)
+                   seconds=FLAGS.seconds, solver=solver, image_guidance=FLAGS.image_guidance)
     run_mode(None, "", request, check_only=True)  # media present, strength and lengths valid: before restoring
     sampler = Sampler.from_workdir(FLAGS.workdir, FLAGS.use_ema)
     paths = []

@@ -166,3 +166,32 @@ def test_sizes_the_factors_do_not_divide_are_rounded_by_the_documented_rule():
         if note:
             assert note.startswith(f"rounded {request[0]}x{request[1]}, {request[2]} frames to {w}x{h}, {f} frames")
     assert round_video_size(smoke_config(), 48, 32, 8)[:3] == (48, 32, 8)
+
+
+def test_a_separate_image_guidance_is_one_call_of_three_branches(sampler, monkeypatch):
+    import jax.numpy as jnp
+
+    from sora_jax import generation
+    from sora_jax.models.dit import PackedInputs
+    text, segs, pos = sampler.caption_inputs([PROMPT])
+    n, dim = 8, 8 * 8 * 3
+    grid = np.stack(np.meshgrid(np.arange(2), np.arange(2), np.arange(2), indexing="ij"), -1).reshape(n, 3)
+    given = jnp.asarray(grid[None, :, 0] == 0)  # frame 0 given
+    rng = np.random.default_rng(2)
+    clean, noise = (jnp.asarray(rng.normal(size=(1, n, dim)).astype(np.float32)) for _ in range(2))
+    x = jnp.where(given[..., None], clean, 0.4 * clean + 0.6 * noise)
+    inputs = PackedInputs(None, jnp.asarray(grid[None].astype(np.int32)), jnp.ones((1, n), jnp.int32),
+                          jnp.ones((1, 1)), text, segs, pos, jnp.zeros((1, 1), bool),
+                          jnp.asarray(np.full((1, 1, 4), [8.0, 16, 16, 0.25], np.float32)), given=given)
+    calls = []
+    real = generation.predict_velocity
+    monkeypatch.setattr(generation, "predict_velocity", lambda m, i, f: calls.append(i.tokens.shape) or real(m, i, f))
+    guided = np.asarray(sampler._velocity(sampler.params, inputs, x, 0.6, 3.0, 2.0, clean, noise))
+    assert calls == [(3, n, dim)]
+    model = nnx.merge(sampler.graphdef, sampler.params)
+    run = lambda tokens, drop, g: np.asarray(real(model, inputs._replace(  # noqa: E731
+        tokens=tokens, t=jnp.full((1, 1), 0.6), drop_text=jnp.full((1, 1), drop), given=g), sampler.config.flow))
+    full, only_given = run(x, False, given), run(x, True, given)
+    none = run(jnp.where(given[..., None], 0.4 * clean + 0.6 * noise, x), True, jnp.zeros_like(given))
+    np.testing.assert_allclose(guided, none + 2.0 * (only_given - none) + 3.0 * (full - only_given), rtol=0, atol=1e-4)
+    assert np.abs(only_given - none).max() > 1e-3  # the given frames matter to the model
