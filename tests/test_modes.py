@@ -195,3 +195,17 @@ def test_a_separate_image_guidance_is_one_call_of_three_branches(sampler, monkey
     none = run(jnp.where(given[..., None], 0.4 * clean + 0.6 * noise, x), True, jnp.zeros_like(given))
     np.testing.assert_allclose(guided, none + 2.0 * (only_given - none) + 3.0 * (full - only_given), rtol=0, atol=1e-4)
     assert np.abs(only_given - none).max() > 1e-3  # the given frames matter to the model
+
+
+def test_requests_of_different_sizes_packed_together_equal_each_alone(sampler):
+    from sora_jax.packed_sampling import _pack, generate_packed
+    requests = [dict(prompt=PROMPT, width=16, height=16, frames=4),
+                dict(prompt="a blue square", width=24, height=16, frames=2),
+                dict(prompt="a green triangle moving up", width=16, height=8, frames=1)]
+    assert _pack([16, 12, 2], 16) == [[0], [1, 2]]  # first fit, largest first
+    together = generate_packed(sampler, requests, steps=3, guidance=2.0, seed=3, row_tokens=16, progress=False)
+    assert [v.shape for v in together] == [(4, 16, 16, 3), (2, 16, 24, 3), (1, 8, 16, 3)]
+    for i, request in enumerate(requests):  # request i's noise seed is seed + i unless it names its own
+        alone = generate_packed(sampler, [dict(request, seed=3 + i)], steps=3, guidance=2.0, progress=False)[0]
+        assert np.abs(alone.astype(int) - together[i]).max() <= 1, i
+    assert not np.array_equal(together[1][0], together[1][1])
