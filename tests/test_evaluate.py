@@ -76,7 +76,8 @@ def test_watch_evaluates_each_checkpoint_once(watched):
         buckets = [f"val_loss_t{lo:.2f}-{lo + 0.25:.2f}" for lo in (0.0, 0.25, 0.5, 0.75)]
         assert all(np.isfinite(r[b]) for b in buckets)
         assert r["val_loss"] == pytest.approx(np.mean([r[b] for b in buckets]))
-        for key in ("adherence_color", "adherence_shape", "adherence_direction", "adherence_all"):
+        for key in ("adherence_color", "adherence_shape", "adherence_direction", "adherence_all",
+                    "adherence_whole_object"):
             assert 0.0 <= r[key] <= 1.0
         assert r["checkpoint_params"] == "ema"
         files = os.listdir(os.path.join(eval_dir, f"step_{step}"))
@@ -423,3 +424,25 @@ def test_frechet_rank_deficient_and_bad_input():
         gaussian_stats(np.full((3, 2), np.nan))
     with pytest.raises(ValueError, match="mismatched"):
         frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+
+
+def test_whole_object_detector_on_renders_and_fragments(renders):
+    videos = [v for v, _ in renders]
+    assert detectors.whole_object_accuracy(videos)["whole_object_share"] >= 0.95
+    # The failure the issue describes: the object cut into 8x8 patches, some moved across the frame.
+    broken = []
+    for video in videos[:40]:
+        v = video.copy()
+        h, w = v.shape[1:3]
+        v[:, :, w // 2:] = np.roll(v[:, :, w // 2:], h // 2, axis=1)  # the right half shifted down by half a frame
+        v[:, :, : w // 2] = np.roll(v[:, :, : w // 2], -w // 4, axis=2)
+        broken.append(v)
+    whole_before = np.mean([detectors.whole_object_share(v) for v in videos[:40]])
+    whole_after = np.mean([detectors.whole_object_share(v) for v in broken])
+    assert whole_after < whole_before - 0.2, (whole_before, whole_after)
+    two = np.full((2, 32, 32, 3), 30, np.uint8)
+    two[:, 4:10, 4:10] = (220, 40, 40)
+    two[:, 20:26, 20:26] = (220, 40, 40)
+    assert detectors.whole_object_share(two) == 0.0  # two pieces
+    assert detectors.whole_object_share(two[:, :16, :16]) == 1.0  # one of them alone
+    assert detectors.whole_object_share(np.full((2, 32, 32, 3), 30, np.uint8)) == 0.0  # nothing there

@@ -96,6 +96,24 @@ def detect_direction(video: np.ndarray, min_shift: float = 0.1) -> str:
     return "none"
 
 
+def whole_object_share(video: np.ndarray, min_part: float = 2.0) -> float:
+    """Share of frames [T, H, W, 3] that show the object as one whole piece: the soft mask above one half forms
+    exactly one connected region (4-neighbour) of at least _MIN_AREA pixels, and no other region of min_part
+    pixels or more. A frame with no object, or the object in fragments (e.g. patches scattered across the
+    frame), does not count."""
+    from scipy import ndimage
+    whole = []
+    for frame in np.asarray(video):
+        mask = object_mask(frame)
+        if mask is None:
+            whole.append(False)
+            continue
+        labels, count = ndimage.label(mask > 0.5)
+        areas = np.bincount(labels.ravel())[1:] if count else np.zeros(0)
+        whole.append(int(np.sum(areas >= min_part)) == 1 and float(areas.max()) >= _MIN_AREA)
+    return float(np.mean(whole)) if whole else 0.0
+
+
 def prompt_attribute(prompt: str, choices: Sequence[str]) -> str | None:
     """The first word of `prompt` that is one of `choices` (e.g. SHAPES), if any."""
     return next((w for w in prompt.lower().split() if w in choices), None)
@@ -107,6 +125,11 @@ def shape_accuracy(videos, prompts) -> dict:
               for v, p in zip(videos, prompts)]
     return {"shape_accuracy": sum(d["expected"] == d["detected"] for d in detail) / max(len(detail), 1),
             "shape_detail": detail}
+
+
+def whole_object_accuracy(videos) -> dict:
+    """Mean over videos of the share of frames showing one whole object (whole_object_share)."""
+    return {"whole_object_share": float(np.mean([whole_object_share(v) for v in videos])) if len(videos) else 0.0}
 
 
 def direction_accuracy(videos, prompts) -> dict:

@@ -175,7 +175,8 @@ def _write_videos(out_dir: str, names: list[str], videos: np.ndarray, fps: int) 
 class Adherence:
     """Prompt adherence on the procedural world: samples config.eval.num_prompts held-out prompts (cycling
     through procedural.HELD_OUT_PROMPTS) and scores the object's color (color.py), shape and initial
-    motion direction (detectors.py). `adherence_all` counts samples right on all three. The samples are
+    motion direction (detectors.py). `adherence_all` counts samples right on all three; `adherence_whole_object`
+    is the mean share of frames showing the object as one whole piece (detectors.whole_object_share). The samples are
     written to WORKDIR/eval/step_<N>/ and the per-prompt detections to details.json there."""
     tasks = ("dit",)
 
@@ -191,7 +192,14 @@ class Adherence:
     def __call__(self, ctx: EvalContext) -> Result:
         from data_pipelines.procedural import HELD_OUT_PROMPTS
         from sora_jax.evaluation.color import detect_color, prompt_color
-        from sora_jax.evaluation.detectors import DIRECTIONS, SHAPES, detect_direction, detect_shape, prompt_attribute
+        from sora_jax.evaluation.detectors import (
+            DIRECTIONS,
+            SHAPES,
+            detect_direction,
+            detect_shape,
+            prompt_attribute,
+            whole_object_share,
+        )
         from sora_jax.video_io import slug
 
         prompts = [HELD_OUT_PROMPTS[i % len(HELD_OUT_PROMPTS)] for i in range(self.count)]
@@ -209,6 +217,7 @@ class Adherence:
         scalars = {f"adherence_{k}": float(np.mean([r[k]["expected"] == r[k]["detected"] for r in rows]))
                    for k in attributes}
         scalars["adherence_all"] = float(np.mean([r["all"] for r in rows]))
+        scalars["adherence_whole_object"] = float(np.mean([whole_object_share(v) for v in videos]))
         names = [f"{i:03d}_{slug(p)}" for i, p in enumerate(prompts)]
         paths = _write_videos(ctx.out_dir, names, videos, self.settings["fps"])
         return Result(scalars, paths, {"samples": rows})

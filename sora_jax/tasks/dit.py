@@ -106,6 +106,7 @@ class DiTTask:
         import os
 
         from sora_jax.evaluation.color import color_accuracy
+        from sora_jax.evaluation.detectors import direction_accuracy, shape_accuracy, whole_object_accuracy
         from sora_jax.generation import Sampler, sample_to_dir
 
         s = self.config.sample
@@ -118,5 +119,9 @@ class DiTTask:
         out = os.path.join(workdir, "samples")
         videos, paths = sample_to_dir(sampler, prompts, out, s.width, s.height, s.frames, s.steps, s.guidance,
                                       self.config.seed, s.fps)
-        scores = color_accuracy(videos, prompts) if procedural else {}
+        scores = {}
+        if procedural:  # the four figures of the demo: color, shape, direction, one whole object
+            scores = {**color_accuracy(videos, prompts), **shape_accuracy(videos, prompts),
+                      **(direction_accuracy(videos, prompts) if s.frames > 1 else {}),
+                      **whole_object_accuracy(videos)}
         return {"samples_dir": out, "sample_paths": paths, **scores}

@@ -73,7 +73,8 @@ def _train(config) -> None:
         with open(os.path.join(FLAGS.workdir, "results.json"), "w") as f:
             json.dump(summary, f, indent=2)
         os.remove(pending_marker(FLAGS.workdir))
-        for key in ("val_loss_initial", "val_loss_ema", "val_loss_params", "color_accuracy", "val_psnr_ema",
+        for key in ("val_loss_initial", "val_loss_ema", "val_loss_params", "color_accuracy", "shape_accuracy",
+                    "direction_accuracy", "whole_object_share", "val_psnr_ema",
                     "val_ssim_ema", "val_psnr_image_ema", "val_ssim_image_ema"):
             if summary.get(key) is not None:
                 print(f"{key}: {summary[key]:.4f}")
@@ -82,7 +83,7 @@ def _train(config) -> None:
         if "samples_dir" in summary:
             print(f"Samples of held-out prompts: {summary['samples_dir']}")
             print("  " + "\n  ".join(summary["sample_paths"]))
-    logging.info("done: %s", {k: v for k, v in summary.items() if k not in ("color_detail", "sample_paths")})
+    logging.info("done: %s", {k: v for k, v in summary.items() if not k.endswith("_detail") and k != "sample_paths"})
 
 
 if __name__ == "__main__":
