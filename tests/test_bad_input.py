@@ -164,9 +164,16 @@ def test_no_prompt(trained_workdir, tmp_path):
         check_request(smoke_config(), [], 16, 16, 2, steps=2)
     r = _cli("-m", "sora_jax.sample", f"--workdir={trained_workdir}", f"--out={tmp_path}", "--width=16")
     assert r.returncode != 0 and "no prompt" in r.stderr
+    # A size the patch does not divide: the Python API refuses it naming the nearest valid one; the command
+    # rounds to that one and says so (the documented rule: nearest multiple, ties upward).
+    with pytest.raises(ConfigError, match=r"width=20 is not divisible by 8 .* nearest valid request is 24x16"):
+        check_request(smoke_config(), ["a red circle"], 20, 16, 2, steps=2)
     r = _cli("-m", "sora_jax.sample", f"--workdir={trained_workdir}", f"--out={tmp_path}", "--prompt=a red circle",
-             "--width=20")
-    assert r.returncode != 0 and "width=20 is not divisible by 8" in r.stderr
+             "--width=20", "--height=16", "--frames=2", "--steps=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "rounded 20x16, 2 frames to 24x16, 2 frames" in r.stdout
+    with open(os.path.join(tmp_path, "000_a_red_circle.json")) as f:
+        assert json.load(f)["width"] == 24
 
 
 def test_insufficiently_sharded_parameters_stop_before_compile(tmp_path):
