@@ -69,9 +69,7 @@ def pixels_before(sampler: Sampler, latent_index: int) -> int:
 
 
 def _temporal_stride(sampler: Sampler) -> int:
-    t1 = sampler.autoencoder.latent_shape(1, 64, 64)[0]
-    t2 = sampler.autoencoder.latent_shape(1 + 64, 64, 64)[0]
-    return 64 // max(t2 - t1, 1)
+    return sampler.autoencoder.stride[0]
 
 
 def latent_count(sampler: Sampler, frames: int) -> int:

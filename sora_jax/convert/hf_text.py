@@ -271,6 +271,12 @@ def caption_encoder_of(config) -> tuple[nnx.GraphDef, dict] | None:
     return frozen_text_encoder(path, config.model.dtype, config.text.get("tokenizer_path", ""))
 
 
+def encoder_axes(encoder: tuple[nnx.GraphDef, dict]) -> dict:
+    """The logical axis names of a frozen encoder's parameters (caption_encoder_of's pair), as the model annotated
+    them: what shards them like the DiT's."""
+    return sharding.logical_axes(nnx.state(nnx.merge(*encoder), nnx.Param))
+
+
 class CaptionFeatures:
     """config's frozen caption encoder on this host's devices, for features computed outside the train step (the
     latent cache's, and the held-out batches' when training reads that cache). Drop it when done: it holds a
@@ -289,8 +295,8 @@ class CaptionFeatures:
         devices = np.asarray(jax.local_devices()).reshape(1, -1, 1, 1)
         self.mesh = jax.sharding.Mesh(devices, sharding.MESH_AXES)
         self.rules = (("batch", None),) + tuple(r for r in sharding.current_rules() if r[0] != "batch")
-        logical = sharding.logical_axes(nnx.state(nnx.merge(*encoder), nnx.Param))
-        self.params = jax.device_put(encoder[1], sharding.param_shardings(logical, encoder[1], self.mesh, self.rules))
+        self.params = jax.device_put(encoder[1], sharding.param_shardings(encoder_axes(encoder), encoder[1], self.mesh,
+                                                                          self.rules))
         self._encode = jax.jit(encode_captions, static_argnums=0)
 
     def __call__(self, ids: np.ndarray, segments: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -9,14 +9,12 @@ differentiated. When the latent cache (config.data.source = "latents") holds tha
 from __future__ import annotations
 
 import numpy as np
-from flax import nnx
 
 from data_pipelines import pipeline
 from data_pipelines.latents import cached_text_features
 from data_pipelines.media import SKIP_REASONS
-from sora_jax import sharding
 from sora_jax.config_validation import validate_dit, validate_dit_for_mesh
-from sora_jax.convert.hf_text import CaptionFeatures, caption_encoder_of, encode_captions
+from sora_jax.convert.hf_text import CaptionFeatures, caption_encoder_of, encode_captions, encoder_axes
 from sora_jax.diffusion.flow import flow_loss
 from sora_jax.models import build_model
 
@@ -57,7 +55,7 @@ class DiTTask:
         encoder = self._step_encoder()
         if encoder is None:
             return {}
-        return {"text_encoder": sharding.logical_axes(nnx.state(nnx.merge(*encoder), nnx.Param))}
+        return {"text_encoder": encoder_axes(encoder)}
 
     def _with_caption_features(self, frozen, batch: dict) -> dict:
         """The batch with its caption ids replaced by the frozen encoder's features, when the step runs one."""
