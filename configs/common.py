@@ -153,7 +153,9 @@ def base_config() -> ml_collections.ConfigDict:
         # it); scan_layers stacks the blocks' parameters and runs them with nnx.scan (one compiled block).
         remat="none", scan_layers=False,
         # Condition on each sample's (fps, original height, width, duration) -- batch["meta"] -- as well.
-        meta_conditioning=False))
+        meta_conditioning=False,
+        # "edges": tokens also learn their distances to their sample's boundaries (sora_jax/models/dit.py).
+        abs_pos="none"))
     # "identity" (pixel space) or "vae" with checkpoint= a directory from `python -m sora_jax.convert`.
     c.autoencoder = ml_collections.ConfigDict(dict(name="identity", checkpoint=""))
     # pad_captions (frozen encoders only): every caption takes max_len slots, zero features past its tokens, all

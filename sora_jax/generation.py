@@ -33,8 +33,12 @@ from sora_jax.train import checkpointing
 from sora_jax.video_io import slug, to_uint8, write_media
 
 
-def check_request(config, prompts, width: int, height: int, frames: int, steps: int) -> tuple[int, int, int]:
-    """Validates a sampling request before anything is restored or compiled; returns the token grid."""
+def check_request(config, prompts, width: int, height: int, frames: int, steps: int,
+                  branches: int = 2) -> tuple[int, int, int]:
+    """Validates a sampling request before anything is restored or compiled; returns the token grid.
+
+    branches: model evaluations batched per step (guidance_branches), which the memory estimate counts.
+    """
     if not prompts or not all(p.strip() for p in prompts):
         raise ConfigError("no prompt given: pass at least one non-empty --prompt=\"...\".")
     if steps <= 0:
@@ -45,14 +49,22 @@ def check_request(config, prompts, width: int, height: int, frames: int, steps: 
         if unknown:
             logging.warning("prompt %r has words the text encoder never saw: %s", p, unknown)
     grid = check_video_size(config, width, height, frames, what="--")
-    check_memory(config, len(prompts), int(np.prod(grid)), width * height * frames)
+    check_memory(config, len(prompts), int(np.prod(grid)), width * height * frames, branches)
     return grid
 
 
-# Bytes of working memory per token and hidden unit during sampling, both guidance branches: the
-# residual stream, q/k/v, attention output and the 4x MLP activations in float32, with slack for XLA's
-# temporaries. Blockwise attention keeps logits per block, so memory is linear in the tokens.
-_BYTES_PER_TOKEN_UNIT = 2 * 4 * 24
+def guidance_branches(guidance: float, image_guidance: float = 1.0, given: bool = False) -> int:
+    """How many model evaluations one sampling step batches together (Sampler._velocity): 1 without guidance,
+    2 with text guidance, 3 with a separate image guidance scale on given frames."""
+    if given and image_guidance != 1.0:
+        return 3
+    return 1 if guidance == 1.0 and image_guidance == 1.0 else 2
+
+
+# Bytes of working memory per token and hidden unit during sampling, per guidance branch: the residual
+# stream, q/k/v, attention output and the 4x MLP activations in float32, with slack for XLA's temporaries.
+# Blockwise attention keeps logits per block, so memory is linear in the tokens.
+_BYTES_PER_TOKEN_UNIT = 4 * 24
 
 
 def available_memory() -> int:
@@ -63,16 +75,16 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_memory(config, num_prompts: int, tokens: int, pixels: int) -> None:
+def check_memory(config, num_prompts: int, tokens: int, pixels: int, branches: int = 2) -> None:
     """Refuses, before anything is allocated, a request whose estimated working memory exceeds what is
-    available (e.g. 100000x100000 pixels, or 2048x2048x8 in pixel space)."""
-    need = num_prompts * (tokens * config.model.hidden * _BYTES_PER_TOKEN_UNIT + pixels * 3 * 4 * 2)
+    available (e.g. 100000x100000 pixels, or 2048x2048x8 in pixel space). branches: see guidance_branches."""
+    need = num_prompts * (tokens * config.model.hidden * _BYTES_PER_TOKEN_UNIT * branches + pixels * 3 * 4 * 2)
     have = available_memory()
     if need > have:
         raise ConfigError(
             f"this request needs about {need / 2**30:.1f} GiB ({num_prompts} prompt(s) x {tokens} tokens at hidden "
-            f"{config.model.hidden}) but {have / 2**30:.1f} GiB is available; lower --width/--height/--frames or "
-            "sample fewer prompts at once.")
+            f"{config.model.hidden}, {branches} guidance branch(es)) but {have / 2**30:.1f} GiB is available; lower "
+            "--width/--height/--frames or sample fewer prompts at once.")
 
 
 class Sampler:
@@ -181,7 +193,9 @@ class Sampler:
         if solver not in SOLVERS:
             raise ConfigError(f"solver {solver!r}; choose one of {SOLVERS}.")
         fps = float(fps or self.config.sample.fps)
-        grid = check_request(self.config, prompts, width, height, frames, steps)
+        has_given = condition is not None and bool(np.asarray(condition.given).any())
+        grid = check_request(self.config, prompts, width, height, frames, steps,
+                             guidance_branches(guidance, image_guidance, has_given))
         n, p = int(np.prod(grid)), len(prompts)
         dim = int(np.prod(self.patch)) * self.autoencoder.channels
         text, text_segments, text_positions = self.caption_inputs(prompts)

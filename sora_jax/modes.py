@@ -33,6 +33,7 @@ from sora_jax.generation import Condition, Sampler
 MAX_SOURCE_FRAMES = 4096  # frames read from a source video (extend, transition); more are not decoded
 MAX_SECONDS = {"extend": 60.0, "long": 600.0}  # the longest extension / long video a request may ask for
 MODES = ("t2v", "t2i", "i2v", "v2v", "extend", "loop", "transition", "long")
+GIVEN_FRAME_MODES = ("i2v", "extend", "loop", "transition", "long")  # the modes that hand the model clean frames
 DIRECTIONS = ("forward", "backward")
 
 

@@ -10,6 +10,8 @@
   --mode=transition --video=A --video_end=B            from the end of A to the start of B
   --mode=long --seconds=X                              rolling extension; memory of one window
   --mode=t2i                                           one frame (--frames is ignored)
+  --size=WxHxF [--size=...]                            t2v/t2i at several sizes, one per prompt (or one for all),
+                                                       NaViT-packed into shared rows (Euler; seed + i per prompt)
 
 Each result is written as MP4 + GIF (PNG for one frame) with a JSON sidecar of the whole request and seed;
 the same request and seed give the same video.
@@ -24,8 +26,8 @@ from absl import app, flags
 from sora_jax import console
 from sora_jax.config_validation import ConfigError, round_video_size
 from sora_jax.diffusion.solvers import SOLVERS
-from sora_jax.generation import Sampler, check_request, sample_to_dir, write_result
-from sora_jax.modes import DIRECTIONS, MODES, run_mode
+from sora_jax.generation import Sampler, check_request, guidance_branches, sample_to_dir, write_result
+from sora_jax.modes import DIRECTIONS, GIVEN_FRAME_MODES, MODES, run_mode
 from sora_jax.train import checkpointing
 
 FLAGS = flags.FLAGS
@@ -51,6 +53,8 @@ flags.DEFINE_float("seconds", None, "extend / long: seconds to generate.")
 flags.DEFINE_enum("solver", None, list(SOLVERS), "ODE solver (default: config.sample.solver).")
 flags.DEFINE_float("image_guidance", 1.0, "i2v / extend / loop / transition / long: a separate guidance scale on "
                    "the given frames (1: text guidance only).")
+flags.DEFINE_multi_string("size", [], "WIDTHxHEIGHTxFRAMES per prompt (or one for all): requests of different "
+                          "sizes generated together, packed into shared rows (t2v / t2i).")
 console.define_verbose_flag()
 
 
@@ -86,8 +90,12 @@ def _sample() -> None:
     width, height, frames, rounded = round_video_size(config, width, height, frames)
     if rounded:
         print(rounded)
+    if FLAGS.size:
+        _sample_packed(config, out, steps, guidance, fps)
+        return
     solver = FLAGS.solver or s.get("solver", "euler")
-    check_request(config, FLAGS.prompt, width, height, frames, steps)
+    check_request(config, FLAGS.prompt, width, height, frames, steps,
+                  guidance_branches(guidance, FLAGS.image_guidance, FLAGS.mode in GIVEN_FRAME_MODES))
     if FLAGS.mode in ("t2v", "t2i"):
         sampler = Sampler.from_workdir(FLAGS.workdir, FLAGS.use_ema)
         _, paths = sample_to_dir(sampler, FLAGS.prompt, out, width, height, frames, steps, guidance, FLAGS.seed, fps,
@@ -104,6 +112,45 @@ def _sample() -> None:
     for i, prompt in enumerate(FLAGS.prompt):
         video = run_mode(sampler, prompt, request)
         paths += write_result(out, i, prompt, video, {**request, "checkpoint_step": sampler.checkpoint_step})
+    print("Wrote:\n  " + "\n  ".join(paths))
+
+
+def _parse_sizes(config) -> list[tuple[int, int, int]]:
+    """--size values, one per prompt, rounded to what the model's factors divide (each rounding reported)."""
+    if FLAGS.mode not in ("t2v", "t2i"):
+        raise ConfigError(f"--size packs text-to-video requests; --mode={FLAGS.mode} takes --width/--height/--frames.")
+    if len(FLAGS.size) not in (1, len(FLAGS.prompt)):
+        raise ConfigError(f"{len(FLAGS.size)} --size values for {len(FLAGS.prompt)} prompts; give one per prompt or "
+                          "one for all.")
+    sizes = []
+    for text in FLAGS.size:
+        parts = text.lower().split("x")
+        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+            raise ConfigError(f"--size={text!r}: write WIDTHxHEIGHTxFRAMES, e.g. --size=48x32x8 (frames 1: an image).")
+        width, height, frames = (int(p) for p in parts)
+        frames = 1 if FLAGS.mode == "t2i" else frames
+        width, height, frames, rounded = round_video_size(config, width, height, frames)
+        if rounded:
+            print(rounded)
+        sizes.append((width, height, frames))
+    return sizes * len(FLAGS.prompt) if len(sizes) == 1 else sizes
+
+
+def _sample_packed(config, out: str, steps: int, guidance: float, fps: int) -> None:
+    """Every prompt at its own size, generated together in packed rows (sora_jax/packed_sampling.py)."""
+    from sora_jax.packed_sampling import generate_packed
+    requests = [dict(prompt=p, width=w, height=h, frames=f, seed=FLAGS.seed + i)
+                for i, (p, (w, h, f)) in enumerate(zip(FLAGS.prompt, _parse_sizes(config)))]
+    for r in requests:
+        check_request(config, [r["prompt"]], r["width"], r["height"], r["frames"], steps, guidance_branches(guidance))
+    sampler = Sampler.from_workdir(FLAGS.workdir, FLAGS.use_ema)
+    videos = generate_packed(sampler, requests, steps=steps, guidance=guidance, fps=fps)
+    paths = []
+    for i, (r, video) in enumerate(zip(requests, videos)):
+        request = dict(mode="t2v" if r["frames"] > 1 else "t2i", width=r["width"], height=r["height"],
+                       frames=r["frames"], fps=fps, steps=steps, guidance=guidance, seed=r["seed"], solver="euler",
+                       packed=True, checkpoint_step=sampler.checkpoint_step)
+        paths += write_result(out, i, r["prompt"], video, request)
     print("Wrote:\n  " + "\n  ".join(paths))
 
 

@@ -128,6 +128,29 @@ def test_cli_writes_each_mode_with_its_request(trained_workdir, media_files, tmp
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "error: --mode=extend needs --video.", r.stderr
 
 
+def test_cli_packs_prompts_of_different_sizes(trained_workdir, tmp_path):
+    out = str(tmp_path / "packed")
+    run = lambda *flags: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "sora_jax.sample", f"--workdir={trained_workdir}", f"--prompt={PROMPT}",
+         "--prompt=a blue square", "--steps=2", f"--out={out}", "--seed=5", *flags], cwd=ROOT,
+        capture_output=True, text=True, timeout=600)
+    r = run("--size=16x16x4", "--size=20x16x1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "24" in r.stdout and "rounded" in r.stdout.lower(), r.stdout  # 20 px is not a multiple of the patch
+    records = []
+    for name in ("000_a_red_circle_moving_right", "001_a_blue_square"):
+        with open(os.path.join(out, name + ".json")) as f:
+            records.append(json.load(f))
+    assert [(x["width"], x["height"], x["frames_written"], x["seed"], x["packed"]) for x in records] == [
+        (16, 16, 4, 5, True), (24, 16, 1, 6, True)]
+    assert os.path.exists(os.path.join(out, "000_a_red_circle_moving_right.mp4"))
+    assert os.path.exists(os.path.join(out, "001_a_blue_square.png"))
+    for flags_, message in ((("--size=16x16",), "WIDTHxHEIGHTxFRAMES"), (("--size=16x16x4",) * 3, "one per prompt"),
+                            (("--size=16x16x4", "--mode=i2v"), "--mode=i2v takes")):
+        r = run(*flags_)
+        assert r.returncode == 1 and message in r.stderr.strip().splitlines()[-1], (flags_, r.stderr[-1500:])
+
+
 def test_guidance_runs_both_branches_as_one_batched_call(sampler, monkeypatch):
     import jax.numpy as jnp
 
@@ -195,6 +218,32 @@ def test_a_separate_image_guidance_is_one_call_of_three_branches(sampler, monkey
     none = run(jnp.where(given[..., None], 0.4 * clean + 0.6 * noise, x), True, jnp.zeros_like(given))
     np.testing.assert_allclose(guided, none + 2.0 * (only_given - none) + 3.0 * (full - only_given), rtol=0, atol=1e-4)
     assert np.abs(only_given - none).max() > 1e-3  # the given frames matter to the model
+
+
+def test_the_memory_check_counts_every_guidance_branch(sampler, monkeypatch):
+    from sora_jax import generation
+    seen = []
+
+    def record(config, prompts, tokens, pixels, branches=2):
+        seen.append(branches)
+        raise ConfigError("stop before generating")
+    monkeypatch.setattr(generation, "check_memory", record)
+    latents, given = np.zeros((1, 2, 2, 2, 3), np.float32), np.array([[True, False]])
+    for guidance, image_guidance, condition in ((1.0, 1.0, None), (3.0, 1.0, None), (3.0, 2.0, None),
+                                                (3.0, 1.0, generation.Condition(latents, given)),
+                                                (3.0, 2.0, generation.Condition(latents, given))):
+        with pytest.raises(ConfigError, match="stop before"):
+            sampler.generate([PROMPT], 16, 16, 2, steps=1, guidance=guidance, image_guidance=image_guidance,
+                             condition=condition, progress=False)
+    assert seen == [1, 2, 2, 2, 3]
+    monkeypatch.undo()
+    monkeypatch.setattr(generation, "available_memory", lambda: 0)
+    needs = []
+    for branches in (2, 3):
+        with pytest.raises(ConfigError, match=f"{branches} guidance branch") as err:
+            generation.check_memory(sampler.config, 1, 10**7, 0, branches)
+        needs.append(float(err.value.args[0].split("needs about ")[1].split(" GiB")[0]))
+    assert needs[1] == pytest.approx(1.5 * needs[0], rel=0.01)
 
 
 def test_requests_of_different_sizes_packed_together_equal_each_alone(sampler):

@@ -29,7 +29,8 @@ REL_TOL = 1e-5  # of the largest output magnitude: float32 accumulation order, n
 
 def _config(backend):
     return smoke_config(**{"model.attention": backend, "model.attention_block": BACKENDS[backend],
-                           "model.meta_conditioning": True})
+                           "model.meta_conditioning": True,
+                           "model.abs_pos": "edges"})
 
 
 @functools.lru_cache(maxsize=1)

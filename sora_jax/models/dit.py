@@ -25,6 +25,10 @@ express other DiTs of this family; configs/wan21.py sets them to Wan 2.1's text-
                     also reads, through keys and values of their own; 0: none
   cond_channels     latent channels of conditioning (e.g. the first frame and its mask) that every token reads
                     besides its noisy latents, PackedInputs.cond; the model predicts only the latents; 0: none
+  abs_pos           "none": RoPE alone (Wan) | "edges": also add to each token's embedding a learned projection of
+                    sinusoids of its distances to its sample's six boundaries (first/last frame, top/bottom,
+                    left/right). RoPE only tells tokens their offsets from one another; a small model trained
+                    briefly learns where the walls are (whole objects, bounces) much sooner when told.
 With config.text.encoder = "precomputed" the model has no text encoder: PackedInputs.text carries caption
 features [B, Lt, config.text.width] computed elsewhere (e.g. umT5's, cached offline).
 """
@@ -80,6 +84,23 @@ def meta_features(meta: jax.Array) -> jax.Array:
     return jnp.log1p(jnp.maximum(meta.astype(jnp.float32), 0.0))
 
 
+# Periods (in tokens) of the boundary-distance sinusoids of abs_pos="edges": 2 to 512, geometric.
+EDGE_PERIODS = tuple(2.0 * 2.0 ** k for k in range(9))
+
+
+def boundary_features(positions: jax.Array, segments: jax.Array, num_samples: int) -> jax.Array:
+    """[B, L, 6 * 2 * len(EDGE_PERIODS)] sinusoids of each token's distance to the start and to the end of its
+    own sample along t, h and w (the end is that sample's largest position on the axis, a segment max)."""
+    b, length, _ = positions.shape
+    ids = (jnp.arange(b)[:, None] * (num_samples + 1) + segments).reshape(-1)
+    extent = jax.ops.segment_max(positions.reshape(-1, 3), ids, num_segments=b * (num_samples + 1))
+    extent = extent.reshape(b, num_samples + 1, 3)
+    far = jnp.take_along_axis(extent, segments[..., None], axis=1) - positions
+    coords = jnp.concatenate([positions, far], axis=-1).astype(jnp.float32)
+    angles = coords[..., None] * (2.0 * math.pi / jnp.asarray(EDGE_PERIODS, jnp.float32))
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(b, length, -1)
+
+
 def modulate(x, shift, scale):
     return x * (1.0 + scale) + shift
 
@@ -96,6 +117,7 @@ MODEL_OPTIONS = {
     "final_modulation": ("linear", ("linear", "table")),
     "image_dim": (0, None),
     "cond_channels": (0, None),
+    "abs_pos": ("none", ("none", "edges")),
 }
 PRECOMPUTED_TEXT = "precomputed"  # config.text.encoder: caption features come with the batch
 
@@ -184,6 +206,9 @@ class DiT(nnx.Module):
         # Conditioning patches (cond_channels) are read beside the noisy ones: the embedding's input grows.
         self.cond_dim = math.prod(self.patch) * opts["cond_channels"]
         self.patch_embed = dense(patch_dim + self.cond_dim, dim, ("patch", "embed"), rngs=rngs, dtype=dtype)
+        self.edge_embed = nnx.data(None)
+        if opts["abs_pos"] == "edges":
+            self.edge_embed = dense(6 * 2 * len(EDGE_PERIODS), dim, (None, "embed"), rngs=rngs)
         self._init_text(text_cfg, vocab_size, dim, opts, rngs=rngs, backend=backend, block=block, dtype=dtype)
         self.t_mlp1 = dense(self.time_freq_dim, dim, (None, "embed"), rngs=rngs)
         self.t_mlp2 = dense(dim, dim, ("embed", None), rngs=rngs)
@@ -324,6 +349,8 @@ class DiT(nnx.Module):
         tokens, image = self._conditioning(inputs)
         # The residual stream is float32 (the modulation is); each layer casts its matmul inputs to the compute dtype.
         x = self.patch_embed(tokens).astype(jnp.float32)
+        if self.edge_embed is not None:
+            x = x + self.edge_embed(boundary_features(inputs.positions, inputs.segments, inputs.t.shape[1]))
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
         context = self.encode_text(inputs)
 
