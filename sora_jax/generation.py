@@ -222,7 +222,8 @@ class Sampler:
             return self._vel(self.params, inputs, x, jnp.float32(t), guidance=float(guidance),
                              image_guidance=float(image_guidance), clean=clean, noise=noise)
         with tqdm(total=len(ts) - 1, desc="sampling", disable=not progress, file=sys.stderr) as bar:
-            x = integrate(solver, velocity, x, ts, bar, None if given is None else (given[..., None], clean))
+            x = integrate(solver, velocity, x, ts, bar, None if given is None else (given[..., None], clean),
+                          key=jax.random.fold_in(jax.random.key(seed), 1))  # the stochastic solver's fresh noise
         latents = jnp.stack([patching.unpatchify(x[i], grid, self.patch, self.autoencoder.channels)
                              for i in range(p)])
         return to_uint8(np.asarray(self.autoencoder.decode(latents)))

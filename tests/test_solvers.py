@@ -1,12 +1,14 @@
 """The Sampler's ODE solvers (sora_jax.diffusion.solvers.integrate) step for step against diffusers' flow-matching
-schedulers on a nonlinear toy velocity field, given frames held, and UniPC's own parity in test_wan_pipeline."""
+schedulers on a nonlinear toy velocity field (the stochastic one with diffusers' noise), given frames held, and
+UniPC's own parity in test_wan_pipeline."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 
-from sora_jax.diffusion.solvers import SOLVERS, integrate
+from sora_jax.diffusion.solvers import SOLVERS, integrate, stochastic_step
 
 SCHEDULERS = {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}
 
@@ -29,6 +31,30 @@ def test_solver_matches_diffusers_scheduler(solver):
     other = integrate("euler" if solver == "heun" else "heun", lambda x, t: jnp.sin(x) * (1.0 + t) - 0.3 * x,
                       jnp.asarray(noise), sigmas)
     assert np.abs(np.asarray(other) - x.numpy()).max() > 1e-3  # the two rules are far apart at 6 steps
+
+
+def test_stochastic_solver_matches_diffusers_stochastic_sampling():
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True)
+    scheduler.set_timesteps(6)
+    sigmas = scheduler.sigmas.numpy()
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32))
+    ours = jnp.asarray(x.numpy())
+    for i, t in enumerate(scheduler.timesteps):
+        generator = torch.Generator().manual_seed(i)
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(i))  # the noise diffusers will draw
+        v = _field(x.numpy(), float(t) / 1000).astype(np.float32)
+        x = scheduler.step(torch.from_numpy(v), t, x, generator=generator).prev_sample
+        ours = stochastic_step(ours, jnp.sin(ours) * (1.0 + sigmas[i]) - 0.3 * ours, float(sigmas[i]),
+                               float(sigmas[i + 1]), jnp.asarray(z.numpy()))
+        np.testing.assert_allclose(np.asarray(ours), x.numpy(), rtol=0, atol=2e-5)
+    # integrate: deterministic in its key, fresh noise per step (a different key, a different result)
+    field = lambda x, t: jnp.sin(x) * (1.0 + t) - 0.3 * x  # noqa: E731
+    start = jnp.ones((4, 5))
+    a, b = (np.asarray(integrate("stochastic", field, start, sigmas, key=jax.random.key(k))) for k in (3, 3))
+    np.testing.assert_array_equal(a, b)
+    c = np.asarray(integrate("stochastic", field, start, sigmas, key=jax.random.key(4)))
+    assert np.abs(a - c).max() > 1e-3
+    assert np.abs(a - np.asarray(integrate("euler", field, start, sigmas))).max() > 1e-3
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

@@ -16,16 +16,27 @@ def timesteps(steps: int, shift: float) -> np.ndarray:
     return np.asarray(shift_t(jnp.asarray(t), jnp.float32(shift)))
 
 
-SOLVERS = ("euler", "heun", "unipc")
+SOLVERS = ("euler", "heun", "unipc", "stochastic")
+
+
+def stochastic_step(x: jax.Array, v: jax.Array, t: float, t_next: float, z: jax.Array) -> jax.Array:
+    """One step of the stochastic (ancestral) flow sampler: the x_0 estimate x - t v, noised afresh to t_next
+    with z, i.e. (1 - t_next) x_0 + t_next z -- diffusers' FlowMatchEulerDiscreteScheduler(stochastic_sampling=True).
+
+    Unlike Euler, which carries the model's noise estimate forward, every step redraws the noise, so errors of
+    the blurry early x_0 estimates are not baked into the trajectory.
+    """
+    return (1.0 - t_next) * (x - t * v) + t_next * z
 
 
 def integrate(solver: str, velocity_fn: Callable, x: jax.Array, ts: np.ndarray, progress=None,
-              given: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+              given: tuple[jax.Array, jax.Array] | None = None, key: jax.Array | None = None) -> jax.Array:
     """Integrates dx/dt = velocity_fn(x, t) over the decreasing times ts (the last 0) with one of SOLVERS.
 
     euler: first order, one velocity per step. heun: second order (Euler, then the trapezoid with the velocity
     at the Euler point; the last step to t = 0 stays Euler, as diffusers' Heun does), two per step. unipc:
-    UniPC-bh2 multistep (unipc_sample), one per step.
+    UniPC-bh2 multistep (unipc_sample), one per step. stochastic: stochastic_step, one per step, its fresh
+    noise drawn from `key` (None: jax.random.key(0)), so a key gives the same result every time.
     given: (mask [.., 1] bool, clean values): entries held at their clean values throughout. Euler and Heun reset
       them after every update; for UniPC their velocity is the one whose x_0 estimate is the clean value, which
       its data-prediction update keeps exactly, and the result is reset once more.
@@ -37,12 +48,17 @@ def integrate(solver: str, velocity_fn: Callable, x: jax.Array, ts: np.ndarray, 
             v = velocity_fn(x, ts[i])
             return v if given is None else jnp.where(given[0], (x - given[1]) / ts[i], v)
         return keep(unipc_sample(velocity, x, ts, progress=progress))
-    if solver not in ("euler", "heun"):
+    if solver not in SOLVERS:
         raise ValueError(f"solver {solver!r}; choose one of {SOLVERS}.")
+    key = jax.random.key(0) if key is None else key
     for i in range(len(ts) - 1):
         t, dt = float(ts[i]), float(ts[i + 1] - ts[i])
         v = velocity_fn(x, t)
-        euler = keep(x + dt * v)
+        if solver == "stochastic":
+            z = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+            euler = keep(stochastic_step(x, v, t, float(ts[i + 1]), z))
+        else:
+            euler = keep(x + dt * v)
         if solver == "heun" and ts[i + 1] > 0:
             euler = keep(x + dt * 0.5 * (v + velocity_fn(euler, float(ts[i + 1]))))
         x = euler
