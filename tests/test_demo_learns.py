@@ -47,7 +47,9 @@ def _val_loss(config, workdir, batches) -> np.ndarray:
 def test_the_demo_model_follows_its_captions(tmp_path, monkeypatch):
     config = tiny.get_config()
     config.update(total_steps=200, checkpoint_every_steps=200, log_every_steps=50, eval_batches=4)
-    config.sample.update(num_prompts=8, steps=20)
+    # Euler at guidance 3: after 200 steps the objects are faint, and the default stochastic sampler (made for the
+    # 1,400-step model) re-noises them away (color 2/8, most samples with no object at all; 2026-12-04).
+    config.sample.update(num_prompts=8, steps=20, solver="euler", guidance=3.0)
     workdir = str(tmp_path)
     train_and_evaluate(config, workdir)
 
@@ -55,11 +57,13 @@ def test_the_demo_model_follows_its_captions(tmp_path, monkeypatch):
     _swap_captions(monkeypatch)
     swapped = _val_loss(config, workdir, pipeline.eval_batches(config, config.eval_batches))
     print(f"validation loss at high noise, per batch: true captions {true}, swapped {swapped}")
-    # Measured 2026-11-23 (t in [0.8, 1)): true below swapped in each of the 4 batches, by 1.7-3.4 %; means
-    # 0.1532 vs 0.1569 (2.4 % apart). The object is a small part of each frame, so the caption moves little of
-    # the pixel loss, but it moves it the same way in every batch. Training is seeded: this is reproducible.
+    # Measured 2026-12-04 (t in [0.8, 1)): true below swapped in each of the 4 batches, by 7.0-11.7 %; means
+    # 0.1523 vs 0.1652 (7.8 % apart). The tiny config before 2026-12-04 (text-to-video only, word embeddings at
+    # std 0.02) gave 1.7-3.4 %, 2.4 % on average, which 0.97 would refuse. The object is a small part of each
+    # frame, so the caption moves little of the pixel loss, but it moves it the same way in every batch.
+    # Training is seeded.
     assert (true < swapped).all(), (true, swapped)
-    assert true.mean() < 0.985 * swapped.mean(), (true, swapped)
+    assert true.mean() < 0.97 * swapped.mean(), (true, swapped)
     monkeypatch.undo()
 
     from sora_jax.tasks import build_task
