@@ -28,11 +28,13 @@ def get_config(arg: str | None = None):
     c.flow.update(base_shift=4.0, max_shift=8.0)
     if arg == "smoke":
         shrink_dit_for_smoke(c)
-        c.flow.tasks.update(t2v=1.0, i2v_first=0.0, forward=0.0, backward=0.0, first_last=0.0)
-        c.sample.update(solver="euler", guidance=3.0)  # the smoke tests sample as the base config does
+        # The smoke tests train text-to-video and sample as the base config does (the defaults of common.py).
+        base = base_config()
+        c.flow.tasks = base.flow.tasks
         c.data.update(sides=(16, 24, 32), frames=(1, 2, 3, 4), seq_len=128, text_len=64, packing_bins=8,
                       max_samples_per_row=8, global_batch_rows=8)
-        c.sample.update(steps=2, width=16, height=16, frames=2, num_prompts=2)
+        c.sample.update(solver=base.sample.solver, guidance=base.sample.guidance, steps=2, width=16, height=16,
+                        frames=2, num_prompts=2)
     elif arg:
         raise ValueError(f"configs/tiny.py: unknown variant {arg!r}; use no argument or 'smoke'.")
     return c
