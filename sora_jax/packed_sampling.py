@@ -2,10 +2,11 @@
 
 Each request (prompt, width, height, frames) becomes one sample of a packed row: its own segment id, token
 positions, caption, metadata and timestep schedule (the token-count shift differs per size), exactly as
-training packs clips. Rows hold up to `row_tokens` tokens (default: the largest request, or
+training packs clips; any of the solvers integrates every sample on its own schedule. Rows hold up to `row_tokens` tokens (default: the largest request, or
 config.data.seq_len if larger); requests go first-fit by decreasing size. A request's output does not depend
 on what it is packed with (tests/test_modes.py checks it against the request alone), and its noise is drawn
-from its own seed (request["seed"], default seed + its index), so the same requests give the same videos.
+from its own seed (request["seed"], default seed + its index; the stochastic solver's fresh noise too), so the
+same requests give the same videos.
 """
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ import numpy as np
 from tqdm import tqdm
 
 from sora_jax import patching
+from sora_jax.config_validation import ConfigError
 from sora_jax.diffusion.flow import token_shift
-from sora_jax.diffusion.solvers import timesteps
+from sora_jax.diffusion.solvers import SOLVERS, integrate, timesteps
 from sora_jax.generation import Sampler, check_request
-from sora_jax.layers.common import gather_segments
 from sora_jax.models.dit import PackedInputs
 from sora_jax.video_io import to_uint8
 
@@ -41,27 +42,53 @@ def _pack(sizes: list[int], capacity: int) -> list[list[int]]:
 
 
 def generate_packed(sampler: Sampler, requests: list[dict], steps: int = 30, guidance: float = 3.0, seed: int = 0,
-                    fps: float = 0.0, row_tokens: int = 0, progress: bool = True) -> list[np.ndarray]:
-    """uint8 videos [frames, height, width, 3], one per request {prompt, width, height, frames[, seed]}, in order."""
+                    fps: float = 0.0, row_tokens: int = 0, progress: bool = True, solver: str = "") -> list[np.ndarray]:
+    """uint8 videos [frames, height, width, 3], one per request {prompt, width, height, frames[, seed]}, in order.
+
+    solver: one of SOLVERS ("": config.sample.solver), each sample integrated on its own schedule.
+    """
     config, fps = sampler.config, float(fps or sampler.config.sample.fps)
+    solver = solver or config.sample.get("solver", "euler")
+    if solver not in SOLVERS:
+        raise ConfigError(f"solver {solver!r}; choose one of {SOLVERS}.")
     grids = [check_request(config, [r["prompt"]], r["width"], r["height"], r["frames"], steps) for r in requests]
     sizes = [int(np.prod(g)) for g in grids]
     capacity = max(row_tokens or config.data.seq_len, max(sizes))
     rows = _pack(sizes, capacity)
     slots = max(len(r) for r in rows)
     inputs, noise = _packed_inputs(sampler, requests, grids, rows, capacity, slots, fps, seed)
-    schedules = np.zeros((len(rows), slots, steps + 1), np.float32)
+    # Slots a row leaves empty keep an unshifted schedule that no token reads (all zeros would make UniPC's
+    # coefficients NaN there).
+    schedules = np.broadcast_to(timesteps(steps, 1.0), (len(rows), slots, steps + 1)).copy()
     for r, members in enumerate(rows):
         for k, i in enumerate(members):
             schedules[r, k] = timesteps(steps, float(token_shift(jnp.float32(sizes[i]), config.flow)))
-    x = noise
+    # Every token follows its own sample's schedule: column r * slots + k of [steps + 1, rows * slots].
+    columns = np.arange(len(rows))[:, None] * slots + np.clip(np.asarray(inputs.segments) - 1, 0, None)
+
+    def velocity(x, t):
+        t = jnp.asarray(t.reshape(len(rows), slots))
+        return sampler._vel(sampler.params, inputs._replace(t=t), x, t, guidance=float(guidance))
     with tqdm(total=steps, desc="sampling", disable=not progress, file=sys.stderr) as bar:
-        for j in range(steps):  # Euler, every sample on its own schedule
-            t = jnp.asarray(schedules[..., j])
-            dt = gather_segments(jnp.asarray(schedules[..., j + 1]) - t, inputs.segments)[..., None]
-            x = x + dt * sampler._vel(sampler.params, inputs._replace(t=t), x, t, guidance=float(guidance))
-            bar.update(1)
+        x = integrate(solver, velocity, noise, schedules.reshape(-1, steps + 1).T, bar, columns=columns,
+                      fresh_noise=_fresh_noise(requests, sizes, rows, noise.shape, seed))
     return _unpack(sampler, np.asarray(x), requests, grids, rows)
+
+
+def _fresh_noise(requests, sizes, rows, shape, seed):
+    """The stochastic solver's noise of step i, each request's drawn from its own seed as sampling it alone
+    (Sampler.generate) would: a request's video does not depend on what it is packed with."""
+    def noise(i):
+        out = np.zeros(shape, np.float32)
+        for r, members in enumerate(rows):
+            start = 0
+            for k in members:
+                key = jax.random.fold_in(jax.random.key(requests[k].get("seed", seed + k)), 1)
+                out[r, start:start + sizes[k]] = np.asarray(
+                    jax.random.normal(jax.random.fold_in(key, i), (sizes[k], shape[-1]), jnp.float32))
+                start += sizes[k]
+        return jnp.asarray(out)
+    return noise
 
 
 def _packed_inputs(sampler, requests, grids, rows, capacity, slots, fps, seed):

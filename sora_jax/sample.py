@@ -11,7 +11,7 @@
   --mode=long --seconds=X                              rolling extension; memory of one window
   --mode=t2i                                           one frame (--frames is ignored)
   --size=WxHxF [--size=...]                            t2v/t2i at several sizes, one per prompt (or one for all),
-                                                       NaViT-packed into shared rows (Euler; seed + i per prompt)
+                                                       NaViT-packed into shared rows (seed + i per prompt)
 
 Each result is written as MP4 + GIF (PNG for one frame) with a JSON sidecar of the whole request and seed;
 the same request and seed give the same video.
@@ -90,10 +90,10 @@ def _sample() -> None:
     width, height, frames, rounded = round_video_size(config, width, height, frames)
     if rounded:
         print(rounded)
-    if FLAGS.size:
-        _sample_packed(config, out, steps, guidance, fps)
-        return
     solver = FLAGS.solver or s.get("solver", "euler")
+    if FLAGS.size:
+        _sample_packed(config, out, steps, guidance, fps, solver)
+        return
     check_request(config, FLAGS.prompt, width, height, frames, steps,
                   guidance_branches(guidance, FLAGS.image_guidance, FLAGS.mode in GIVEN_FRAME_MODES))
     if FLAGS.mode in ("t2v", "t2i"):
@@ -136,7 +136,7 @@ def _parse_sizes(config) -> list[tuple[int, int, int]]:
     return sizes * len(FLAGS.prompt) if len(sizes) == 1 else sizes
 
 
-def _sample_packed(config, out: str, steps: int, guidance: float, fps: int) -> None:
+def _sample_packed(config, out: str, steps: int, guidance: float, fps: int, solver: str) -> None:
     """Every prompt at its own size, generated together in packed rows (sora_jax/packed_sampling.py)."""
     from sora_jax.packed_sampling import generate_packed
     requests = [dict(prompt=p, width=w, height=h, frames=f, seed=FLAGS.seed + i)
@@ -144,11 +144,11 @@ def _sample_packed(config, out: str, steps: int, guidance: float, fps: int) -> N
     for r in requests:
         check_request(config, [r["prompt"]], r["width"], r["height"], r["frames"], steps, guidance_branches(guidance))
     sampler = Sampler.from_workdir(FLAGS.workdir, FLAGS.use_ema)
-    videos = generate_packed(sampler, requests, steps=steps, guidance=guidance, fps=fps)
+    videos = generate_packed(sampler, requests, steps=steps, guidance=guidance, fps=fps, solver=solver)
     paths = []
     for i, (r, video) in enumerate(zip(requests, videos)):
         request = dict(mode="t2v" if r["frames"] > 1 else "t2i", width=r["width"], height=r["height"],
-                       frames=r["frames"], fps=fps, steps=steps, guidance=guidance, seed=r["seed"], solver="euler",
+                       frames=r["frames"], fps=fps, steps=steps, guidance=guidance, seed=r["seed"], solver=solver,
                        packed=True, checkpoint_step=sampler.checkpoint_step)
         paths += write_result(out, i, r["prompt"], video, request)
     print("Wrote:\n  " + "\n  ".join(paths))

@@ -143,6 +143,9 @@ def test_cli_packs_prompts_of_different_sizes(trained_workdir, tmp_path):
             records.append(json.load(f))
     assert [(x["width"], x["height"], x["frames_written"], x["seed"], x["packed"]) for x in records] == [
         (16, 16, 4, 5, True), (24, 16, 1, 6, True)]
+    # the run's config.sample.solver, as unpacked sampling uses, and the one recorded
+    solver = json.load(open(os.path.join(trained_workdir, "config.json")))["sample"]["solver"]
+    assert [x["solver"] for x in records] == [solver] * 2
     assert os.path.exists(os.path.join(out, "000_a_red_circle_moving_right.mp4"))
     assert os.path.exists(os.path.join(out, "001_a_blue_square.png"))
     for flags_, message in ((("--size=16x16",), "WIDTHxHEIGHTxFRAMES"), (("--size=16x16x4",) * 3, "one per prompt"),
@@ -246,15 +249,22 @@ def test_the_memory_check_counts_every_guidance_branch(sampler, monkeypatch):
     assert needs[1] == pytest.approx(1.5 * needs[0], rel=0.01)
 
 
-def test_requests_of_different_sizes_packed_together_equal_each_alone(sampler):
+@pytest.mark.parametrize("solver", ["euler", "stochastic", "unipc"])
+def test_requests_of_different_sizes_packed_together_equal_each_alone(sampler, solver):
     from sora_jax.packed_sampling import _pack, generate_packed
     requests = [dict(prompt=PROMPT, width=16, height=16, frames=4),
                 dict(prompt="a blue square", width=24, height=16, frames=2),
                 dict(prompt="a green triangle moving up", width=16, height=8, frames=1)]
     assert _pack([16, 12, 2], 16) == [[0], [1, 2]]  # first fit, largest first
-    together = generate_packed(sampler, requests, steps=3, guidance=2.0, seed=3, row_tokens=16, progress=False)
+    run = lambda reqs, **kw: generate_packed(sampler, reqs, steps=3, guidance=2.0, progress=False,  # noqa: E731
+                                             solver=solver, **kw)
+    together = run(requests, seed=3, row_tokens=16)
     assert [v.shape for v in together] == [(4, 16, 16, 3), (2, 16, 24, 3), (1, 8, 16, 3)]
     for i, request in enumerate(requests):  # request i's noise seed is seed + i unless it names its own
-        alone = generate_packed(sampler, [dict(request, seed=3 + i)], steps=3, guidance=2.0, progress=False)[0]
+        alone = run([dict(request, seed=3 + i)])[0]
         assert np.abs(alone.astype(int) - together[i]).max() <= 1, i
     assert not np.array_equal(together[1][0], together[1][1])
+    if solver != "euler":  # the solver is the one asked for, not Euler
+        euler = generate_packed(sampler, requests, steps=3, guidance=2.0, seed=3, row_tokens=16, progress=False,
+                                solver="euler")
+        assert max(np.abs(a.astype(int) - b).max() for a, b in zip(euler, together)) > 2
