@@ -174,9 +174,11 @@ def base_config() -> ml_collections.ConfigDict:
         tasks=ml_collections.ConfigDict(dict(t2v=1.0, i2v_first=0.0, i2v_any=0.0, forward=0.0, backward=0.0,
                                              first_last=0.0, keyframes=0.0))))
 
-    # solver: sora_jax.diffusion.solvers.SOLVERS (euler, heun, unipc, stochastic).
+    # solver: sora_jax.diffusion.solvers.SOLVERS (euler, heun, unipc, stochastic). first_frame (text-to-video):
+    # "joint" generates every frame at once; "image" generates the first frame as an image, then animates it.
     c.sample = ml_collections.ConfigDict(dict(
-        steps=30, guidance=3.0, width=48, height=32, frames=8, fps=8, use_ema=True, num_prompts=8, solver="euler"))
+        steps=30, guidance=3.0, width=48, height=32, frames=8, fps=8, use_ema=True, num_prompts=8, solver="euler",
+        first_frame="joint"))
     c.eval = eval_config("dit")
     return c
 

@@ -87,6 +87,10 @@ def check_memory(config, num_prompts: int, tokens: int, pixels: int, branches: i
             "--width/--height/--frames or sample fewer prompts at once.")
 
 
+# Text-to-video in one pass, or its image generated first and then animated (Sampler.generate).
+FIRST_FRAME = ("joint", "image")
+
+
 class Sampler:
     """A trained model ready to generate: graphdef + (EMA) params + tokenizer + autoencoder."""
 
@@ -179,7 +183,8 @@ class Sampler:
 
     def generate(self, prompts, width: int, height: int, frames: int, steps: int = 30,
                  guidance: float = 3.0, seed: int = 0, progress: bool = True, fps: float = 0.0,
-                 condition: "Condition | None" = None, solver: str = "", image_guidance: float = 1.0) -> np.ndarray:
+                 condition: "Condition | None" = None, solver: str = "", image_guidance: float = 1.0,
+                 first_frame: str = "") -> np.ndarray:
         """Generates uint8 videos [P, frames, height, width, 3], one per prompt.
 
         fps (0: config.sample.fps) is what a metadata-conditioned model is asked for; others ignore it.
@@ -188,10 +193,20 @@ class Sampler:
         see Condition and sora_jax/modes.py.
         solver: one of SOLVERS ("": config.sample.solver, else Euler).
         image_guidance: a separate guidance scale on the given frames (see _velocity); 1 = text guidance only.
+        first_frame: text-to-video (no condition, frames > 1) in one pass ("joint") or image first ("image":
+          the prompt's image is generated as a 1-frame sample, then animated as image-to-video with it given
+          at frame 0, as Emu Video factorises text-to-video); "": config.sample.first_frame, else "joint".
         """
         solver = solver or self.config.sample.get("solver", "euler")
         if solver not in SOLVERS:
             raise ConfigError(f"solver {solver!r}; choose one of {SOLVERS}.")
+        first_frame = first_frame or self.config.sample.get("first_frame", "joint")
+        if first_frame not in FIRST_FRAME:
+            raise ConfigError(f"first_frame {first_frame!r}; choose one of {FIRST_FRAME}.")
+        if first_frame == "image" and condition is None and frames > 1:
+            images = self.generate(prompts, width, height, 1, steps, guidance, seed, progress, fps, solver=solver,
+                                   first_frame="joint")
+            condition = self.first_frame_condition(images, frames)
         fps = float(fps or self.config.sample.fps)
         has_given = condition is not None and bool(np.asarray(condition.given).any())
         grid = check_request(self.config, prompts, width, height, frames, steps,
@@ -229,6 +244,19 @@ class Sampler:
         return to_uint8(np.asarray(self.autoencoder.decode(latents)))
 
 
+    def first_frame_condition(self, images: np.ndarray, frames: int) -> "Condition":
+        """Frame 0 of a `frames`-frame request given as uint8 images [P, 1, H, W, 3] (encoded as image-to-video
+        encodes its image); the other latent frames are generated."""
+        video = images.astype(np.float32) / 127.5 - 1.0
+        first = np.asarray(self.autoencoder.encode(jnp.asarray(video)), np.float32)  # [P, 1, h, w, C]
+        total = self.autoencoder.latent_shape(frames, images.shape[2], images.shape[3])[0]
+        latents = np.zeros((first.shape[0], total) + first.shape[2:], np.float32)
+        latents[:, 0] = first[:, 0]
+        given = np.zeros((first.shape[0], total), bool)
+        given[:, 0] = True
+        return Condition(latents, given)
+
+
 class Condition(NamedTuple):
     """What a generation starts from besides text.
 
@@ -253,14 +281,17 @@ class Condition(NamedTuple):
 
 
 def sample_to_dir(sampler: Sampler, prompts, out: str, width: int, height: int, frames: int, steps: int,
-                  guidance: float, seed: int, fps: int, solver: str = "") -> tuple[np.ndarray, list[str]]:
+                  guidance: float, seed: int, fps: int, solver: str = "",
+                  first_frame: str = "") -> tuple[np.ndarray, list[str]]:
     """Generates and writes media + a JSON record per prompt; returns (videos, paths)."""
     solver = solver or sampler.config.sample.get("solver", "euler")
-    videos = sampler.generate(prompts, width, height, frames, steps, guidance, seed, fps=fps, solver=solver)
+    first_frame = first_frame or sampler.config.sample.get("first_frame", "joint")
+    videos = sampler.generate(prompts, width, height, frames, steps, guidance, seed, fps=fps, solver=solver,
+                              first_frame=first_frame)
     paths = []
     for i, (prompt, video) in enumerate(zip(prompts, videos)):
         request = dict(mode="t2v" if frames > 1 else "t2i", width=width, height=height, frames=frames, fps=fps,
-                       steps=steps, guidance=guidance, seed=seed, solver=solver,
+                       steps=steps, guidance=guidance, seed=seed, solver=solver, first_frame=first_frame,
                        checkpoint_step=getattr(sampler, "checkpoint_step", None))
         paths += write_result(out, i, prompt, video, request)
     return videos, paths

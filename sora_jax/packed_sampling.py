@@ -2,8 +2,9 @@
 
 Each request (prompt, width, height, frames) becomes one sample of a packed row: its own segment id, token
 positions, caption, metadata and timestep schedule (the token-count shift differs per size), exactly as
-training packs clips; any of the solvers integrates every sample on its own schedule. Rows hold up to `row_tokens` tokens (default: the largest request, or
-config.data.seq_len if larger); requests go first-fit by decreasing size. A request's output does not depend
+training packs clips; any of the solvers integrates every sample on its own schedule. Rows hold up to
+`row_tokens` tokens (default: the largest request, or config.data.seq_len if larger); requests go first-fit by
+decreasing size. A request's output does not depend
 on what it is packed with (tests/test_modes.py checks it against the request alone), and its noise is drawn
 from its own seed (request["seed"], default seed + its index; the stochastic solver's fresh noise too), so the
 same requests give the same videos.

@@ -26,7 +26,7 @@ from absl import app, flags
 from sora_jax import console
 from sora_jax.config_validation import ConfigError, round_video_size
 from sora_jax.diffusion.solvers import SOLVERS
-from sora_jax.generation import Sampler, check_request, guidance_branches, sample_to_dir, write_result
+from sora_jax.generation import FIRST_FRAME, Sampler, check_request, guidance_branches, sample_to_dir, write_result
 from sora_jax.modes import DIRECTIONS, GIVEN_FRAME_MODES, MODES, run_mode
 from sora_jax.train import checkpointing
 
@@ -51,6 +51,8 @@ flags.DEFINE_float("strength", 0.6, "v2v: how far the source is noised, in [0, 1
 flags.DEFINE_enum("direction", "forward", list(DIRECTIONS), "extend: after the end or before the start.")
 flags.DEFINE_float("seconds", None, "extend / long: seconds to generate.")
 flags.DEFINE_enum("solver", None, list(SOLVERS), "ODE solver (default: config.sample.solver).")
+flags.DEFINE_enum("first_frame", None, list(FIRST_FRAME), "t2v: all frames at once (joint) or the image first, then "
+                  "animated (image) (default: config.sample.first_frame).")
 flags.DEFINE_float("image_guidance", 1.0, "i2v / extend / loop / transition / long: a separate guidance scale on "
                    "the given frames (1: text guidance only).")
 flags.DEFINE_multi_string("size", [], "WIDTHxHEIGHTxFRAMES per prompt (or one for all): requests of different "
@@ -99,7 +101,7 @@ def _sample() -> None:
     if FLAGS.mode in ("t2v", "t2i"):
         sampler = Sampler.from_workdir(FLAGS.workdir, FLAGS.use_ema)
         _, paths = sample_to_dir(sampler, FLAGS.prompt, out, width, height, frames, steps, guidance, FLAGS.seed, fps,
-                                 solver)
+                                 solver, FLAGS.first_frame or "")
         print("Wrote:\n  " + "\n  ".join(paths))
         return
     request = dict(mode=FLAGS.mode, width=width, height=height, frames=frames, fps=fps, steps=steps,

@@ -57,13 +57,13 @@ def test_the_demo_model_follows_its_captions(tmp_path, monkeypatch):
     _swap_captions(monkeypatch)
     swapped = _val_loss(config, workdir, pipeline.eval_batches(config, config.eval_batches))
     print(f"validation loss at high noise, per batch: true captions {true}, swapped {swapped}")
-    # Measured 2026-12-04 (t in [0.8, 1)): true below swapped in each of the 4 batches, by 7.0-11.7 %; means
-    # 0.1523 vs 0.1652 (7.8 % apart). The tiny config before 2026-12-04 (text-to-video only, word embeddings at
-    # std 0.02) gave 1.7-3.4 %, 2.4 % on average, which 0.97 would refuse. The object is a small part of each
-    # frame, so the caption moves little of the pixel loss, but it moves it the same way in every batch.
-    # Training is seeded.
+    # Measured 2026-12-04 (t in [0.8, 1)), with abs_pos="edges": true below swapped in each of the 4 batches, by
+    # 15-25 %; means 0.1347 vs 0.1686 (20 % apart). Without absolute positions (the config until then) it was
+    # 7.0-11.7 %, means 0.1523 vs 0.1652 (7.8 %), which 0.9 refuses; text-to-video only with word embeddings at
+    # std 0.02, 1.7-3.4 %. The object is a small part of each frame, so the caption moves little of the pixel
+    # loss, but it moves it the same way in every batch. Training is seeded.
     assert (true < swapped).all(), (true, swapped)
-    assert true.mean() < 0.97 * swapped.mean(), (true, swapped)
+    assert true.mean() < 0.9 * swapped.mean(), (true, swapped)
     monkeypatch.undo()
 
     from sora_jax.tasks import build_task

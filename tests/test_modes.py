@@ -268,3 +268,18 @@ def test_requests_of_different_sizes_packed_together_equal_each_alone(sampler, s
         euler = generate_packed(sampler, requests, steps=3, guidance=2.0, seed=3, row_tokens=16, progress=False,
                                 solver="euler")
         assert max(np.abs(a.astype(int) - b).max() for a, b in zip(euler, together)) > 2
+
+
+def test_image_first_text_to_video_animates_its_own_generated_image(sampler):
+    """first_frame="image": the prompt's image is generated as a 1-frame sample, then given at frame 0."""
+    prompts, kw = [PROMPT, "a blue square"], dict(steps=2, guidance=2.0, seed=4, progress=False, solver="euler")
+    video = sampler.generate(prompts, 16, 16, 4, first_frame="image", **kw)
+    images = sampler.generate(prompts, 16, 16, 1, first_frame="joint", **kw)
+    assert video.shape == (2, 4, 16, 16, 3)
+    assert np.abs(video[:, :1].astype(int) - images).max() <= 1  # its first frame is that image
+    animated = sampler.generate(prompts, 16, 16, 4, condition=sampler.first_frame_condition(images, 4), **kw)
+    np.testing.assert_array_equal(video, animated)  # ...animated as image-to-video
+    joint = sampler.generate(prompts, 16, 16, 4, first_frame="joint", **kw)
+    assert np.abs(joint[:, 0].astype(int) - images[:, 0]).max() > 2
+    with pytest.raises(ConfigError, match="first_frame 'first'"):
+        sampler.generate(prompts, 16, 16, 4, first_frame="first", **kw)
