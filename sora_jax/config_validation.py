@@ -17,6 +17,9 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message says which field and what to do."""
 
 
+# Text-to-video in one pass, or its image generated first and then animated (generation.Sampler.generate).
+FIRST_FRAME = ("joint", "image")
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -217,6 +220,10 @@ def validate_dit(config) -> None:
         raise ConfigError(str(e)) from None
     s = config.sample
     _require(s.steps > 0, f"config.sample.steps={s.steps} must be > 0.")
+    from sora_jax.diffusion.solvers import SOLVERS
+    _require(s.get("solver", "euler") in SOLVERS, f"config.sample.solver={s.get('solver')!r}; choose one of {SOLVERS}.")
+    _require(s.get("first_frame", "joint") in FIRST_FRAME,
+             f"config.sample.first_frame={s.get('first_frame')!r}; choose one of {FIRST_FRAME}.")
     check_video_size(config, s.width, s.height, s.frames, what="config.sample: ")
 
 

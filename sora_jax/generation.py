@@ -21,7 +21,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from sora_jax import patching
-from sora_jax.config_validation import ConfigError, check_video_size
+from sora_jax.config_validation import FIRST_FRAME, ConfigError, check_video_size
 from sora_jax.convert.hf_text import caption_encoder_of, encode_captions
 from sora_jax.diffusion.flow import predict_velocity, token_shift
 from sora_jax.diffusion.solvers import SOLVERS, integrate, timesteps
@@ -85,10 +85,6 @@ def check_memory(config, num_prompts: int, tokens: int, pixels: int, branches: i
             f"this request needs about {need / 2**30:.1f} GiB ({num_prompts} prompt(s) x {tokens} tokens at hidden "
             f"{config.model.hidden}, {branches} guidance branch(es)) but {have / 2**30:.1f} GiB is available; lower "
             "--width/--height/--frames or sample fewer prompts at once.")
-
-
-# Text-to-video in one pass, or its image generated first and then animated (Sampler.generate).
-FIRST_FRAME = ("joint", "image")
 
 
 class Sampler:

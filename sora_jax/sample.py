@@ -151,7 +151,7 @@ def _sample_packed(config, out: str, steps: int, guidance: float, fps: int, solv
     for i, (r, video) in enumerate(zip(requests, videos)):
         request = dict(mode="t2v" if r["frames"] > 1 else "t2i", width=r["width"], height=r["height"],
                        frames=r["frames"], fps=fps, steps=steps, guidance=guidance, seed=r["seed"], solver=solver,
-                       packed=True, checkpoint_step=sampler.checkpoint_step)
+                       first_frame="joint", packed=True, checkpoint_step=sampler.checkpoint_step)
         paths += write_result(out, i, r["prompt"], video, request)
     print("Wrote:\n  " + "\n  ".join(paths))
 

@@ -80,6 +80,12 @@ BAD_INPUTS = {
     "Adam b1 above 1": (
         {"optim.b1": 5.0}, ConfigError,
         "config.optim.b1=5.0 must be in [0, 1): it is the decay rate of Adam's first moment (usually 0.9)."),
+    "unknown solver": (
+        {"sample.solver": "eulr"}, ConfigError,
+        "config.sample.solver='eulr'; choose one of ('euler', 'heun', 'unipc', 'stochastic')."),
+    "unknown first-frame rule": (
+        {"sample.first_frame": "first"}, ConfigError,
+        "config.sample.first_frame='first'; choose one of ('joint', 'image')."),
     "deeper model": (
         {"model.depth": 3, "total_steps": 8}, CheckpointMismatchError,
         _MISMATCH + "different model: tensor ema/blocks/2/attn/k/bias is missing from it." + _FIX),
