@@ -11,7 +11,7 @@ from configs.common import base_config, shrink_dit_for_smoke
 def get_config(arg: str | None = None):
     """arg: None for the default run, "smoke" for a few-step test configuration."""
     c = base_config()
-    # 10-22 minutes on a 2-core CPU (1.1-2.3 steps/s, measured on different days). 500 steps left objects in
+    # 10-23 minutes on a 2-core CPU (1.0-2.3 steps/s, measured on different days). 500 steps left objects in
     # fragments (whole in 21-49% of frames); 1,000 make them whole in 85%, 1,400 in 95% (with the stochastic
     # sampler), with the prompted color right every time (BUILD_NOTES, "the demo recipe, continued").
     c.total_steps = 1400
