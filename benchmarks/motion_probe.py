@@ -52,8 +52,6 @@ def held_out_clips(count: int) -> list:
 
 def x0_estimate(sampler: Sampler, model, clips, captions, given_frames: int, t: float) -> np.ndarray:
     """uint8 x0 estimates [P, F, H, W, 3] at time t with the first given_frames frames clean."""
-    if sampler.autoencoder.channels != 3 or tuple(sampler.patch[:1]) != (1,):
-        raise SystemExit("motion_probe reads pixel-space models with temporal patch 1 (configs/tiny.py).")
     grid = patching.check_divisible((FRAMES, HEIGHT, WIDTH, 3), sampler.patch, "video")
     x0 = jnp.stack([patching.patchify(render(p), sampler.patch) for p in clips])
     count, n = x0.shape[:2]
@@ -69,9 +67,8 @@ def x0_estimate(sampler: Sampler, model, clips, captions, given_frames: int, t: 
     return np.stack([to_uint8(np.asarray(patching.unpatchify(e, grid, sampler.patch, 3))) for e in estimate])
 
 
-def probe(sampler: Sampler, clips, given_frames: int, t: float) -> dict:
+def probe(sampler: Sampler, model, clips, given_frames: int, t: float) -> dict:
     """The table row for one (given frames, t); see the module docstring."""
-    model = nnx.merge(sampler.graphdef, sampler.params)
     captions = [p.caption for p in clips]
     swapped = [" ".join(SWAP.get(w, w) for w in c.split()) for c in captions]
     true_videos = x0_estimate(sampler, model, clips, captions, given_frames, t)
@@ -95,8 +92,11 @@ def probe(sampler: Sampler, clips, given_frames: int, t: float) -> dict:
 def main(argv):
     del argv
     sampler = Sampler.from_workdir(FLAGS.workdir)
+    if sampler.autoencoder.channels != 3 or tuple(sampler.patch[:1]) != (1,):
+        raise SystemExit("motion_probe reads pixel-space models with temporal patch 1 (configs/tiny.py).")
+    model = nnx.merge(sampler.graphdef, sampler.params)
     clips = held_out_clips(FLAGS.clips)
-    rows = [probe(sampler, clips, g, t) for g in (0, 1, 4) for t in (0.8, 0.9, 0.97)]
+    rows = [probe(sampler, model, clips, g, t) for g in (0, 1, 4) for t in (0.8, 0.9, 0.97)]
     print(f"{'given':>5} {'t':>5} {'centroid_err':>12} {'copy_err':>8} {'direction':>9} {'word_drift':>10}")
     for r in rows:
         copy = "-" if r["copy_err"] is None else f"{r['copy_err']:.2f}"

@@ -20,6 +20,7 @@ class ConfigError(ValueError):
 # Text-to-video in one pass, or its image generated first and then animated (generation.Sampler.generate).
 FIRST_FRAME = ("joint", "image")
 
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)

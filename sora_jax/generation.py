@@ -193,16 +193,11 @@ class Sampler:
           the prompt's image is generated as a 1-frame sample, then animated as image-to-video with it given
           at frame 0, as Emu Video factorises text-to-video); "": config.sample.first_frame, else "joint".
         """
-        solver = solver or self.config.sample.get("solver", "euler")
-        if solver not in SOLVERS:
-            raise ConfigError(f"solver {solver!r}; choose one of {SOLVERS}.")
-        first_frame = first_frame or self.config.sample.get("first_frame", "joint")
-        if first_frame not in FIRST_FRAME:
-            raise ConfigError(f"first_frame {first_frame!r}; choose one of {FIRST_FRAME}.")
+        solver, first_frame = self.resolve(solver, first_frame)
         if first_frame == "image" and condition is None and frames > 1:
             images = self.generate(prompts, width, height, 1, steps, guidance, seed, progress, fps, solver=solver,
                                    first_frame="joint")
-            condition = self.first_frame_condition(images, frames)
+            condition = self.image_condition(images, frames)
         fps = float(fps or self.config.sample.fps)
         has_given = condition is not None and bool(np.asarray(condition.given).any())
         grid = check_request(self.config, prompts, width, height, frames, steps,
@@ -234,24 +229,41 @@ class Sampler:
                              image_guidance=float(image_guidance), clean=clean, noise=noise)
         with tqdm(total=len(ts) - 1, desc="sampling", disable=not progress, file=sys.stderr) as bar:
             x = integrate(solver, velocity, x, ts, bar, None if given is None else (given[..., None], clean),
-                          key=jax.random.fold_in(jax.random.key(seed), 1))  # the stochastic solver's fresh noise
+                          key=stochastic_key(seed))
         latents = jnp.stack([patching.unpatchify(x[i], grid, self.patch, self.autoencoder.channels)
                              for i in range(p)])
         return to_uint8(np.asarray(self.autoencoder.decode(latents)))
 
-
-    def first_frame_condition(self, images: np.ndarray, frames: int) -> "Condition":
-        """Frame 0 of a `frames`-frame request given as uint8 images [P, 1, H, W, 3] (encoded as image-to-video
-        encodes its image); the other latent frames are generated."""
-        video = images.astype(np.float32) / 127.5 - 1.0
-        first = np.asarray(self.autoencoder.encode(jnp.asarray(video)), np.float32)  # [P, 1, h, w, C]
+    def image_condition(self, images: np.ndarray, frames: int, latent_index: int = 0) -> "Condition":
+        """Uint8 images [P, 1, H, W, 3] given at latent frame `latent_index` of a `frames`-frame request (the
+        image-to-video condition); the other latent frames are generated."""
+        first = np.stack([to_latents(self, image)[0] for image in images])  # [P, h, w, C]
         total = self.autoencoder.latent_shape(frames, images.shape[2], images.shape[3])[0]
-        latents = np.zeros((first.shape[0], total) + first.shape[2:], np.float32)
-        latents[:, 0] = first[:, 0]
-        given = np.zeros((first.shape[0], total), bool)
-        given[:, 0] = True
+        latents = np.zeros((len(first), total) + first.shape[1:], np.float32)
+        given = np.zeros((len(first), total), bool)
+        latents[:, latent_index], given[:, latent_index] = first, True
         return Condition(latents, given)
 
+    def resolve(self, solver: str = "", first_frame: str = "") -> tuple[str, str]:
+        """(solver, first_frame): the ones asked for, or config.sample's ("euler", "joint" where it has none)."""
+        solver = solver or self.config.sample.get("solver", "euler")
+        first_frame = first_frame or self.config.sample.get("first_frame", "joint")
+        if solver not in SOLVERS:
+            raise ConfigError(f"solver {solver!r}; choose one of {SOLVERS}.")
+        if first_frame not in FIRST_FRAME:
+            raise ConfigError(f"first_frame {first_frame!r}; choose one of {FIRST_FRAME}.")
+        return solver, first_frame
+
+
+def to_latents(sampler: Sampler, frames: np.ndarray) -> np.ndarray:
+    """Latents [T', H', W', C] of uint8 frames [T, H, W, 3] (the autoencoder's normalised encoding)."""
+    video = frames.astype(np.float32) / 127.5 - 1.0
+    return np.asarray(sampler.autoencoder.encode(video[None])[0], np.float32)
+
+
+def stochastic_key(seed: int) -> jax.Array:
+    """The key of the stochastic solver's fresh noise for a request of this seed (alone or packed)."""
+    return jax.random.fold_in(jax.random.key(seed), 1)
 
 class Condition(NamedTuple):
     """What a generation starts from besides text.
@@ -280,8 +292,7 @@ def sample_to_dir(sampler: Sampler, prompts, out: str, width: int, height: int, 
                   guidance: float, seed: int, fps: int, solver: str = "",
                   first_frame: str = "") -> tuple[np.ndarray, list[str]]:
     """Generates and writes media + a JSON record per prompt; returns (videos, paths)."""
-    solver = solver or sampler.config.sample.get("solver", "euler")
-    first_frame = first_frame or sampler.config.sample.get("first_frame", "joint")
+    solver, first_frame = sampler.resolve(solver, first_frame)
     videos = sampler.generate(prompts, width, height, frames, steps, guidance, seed, fps=fps, solver=solver,
                               first_frame=first_frame)
     paths = []

@@ -28,7 +28,7 @@ import numpy as np
 
 from data_pipelines import media
 from sora_jax.config_validation import ConfigError
-from sora_jax.generation import Condition, Sampler
+from sora_jax.generation import Condition, Sampler, to_latents
 
 MAX_SOURCE_FRAMES = 4096  # frames read from a source video (extend, transition); more are not decoded
 MAX_SECONDS = {"extend": 60.0, "long": 600.0}  # the longest extension / long video a request may ask for
@@ -53,12 +53,6 @@ def read_media(path: str, width: int, height: int, max_frames: int, fps: float =
     if frames.shape[0] == 0:
         raise ConfigError(f"{path} has no frame to use.")
     return media.resize(frames, height, width, crop=True)
-
-
-def to_latents(sampler: Sampler, frames: np.ndarray) -> np.ndarray:
-    """Latents [T', H', W', C] of uint8 frames [T, H, W, 3] (the autoencoder's normalised encoding)."""
-    video = frames.astype(np.float32) / 127.5 - 1.0
-    return np.asarray(sampler.autoencoder.encode(video[None])[0], np.float32)
 
 
 def pixels_before(sampler: Sampler, latent_index: int) -> int:
@@ -93,10 +87,8 @@ def image_to_video(sampler: Sampler, prompt: str, image: str, width: int, height
     if not 0 <= image_frame < frames:
         raise ConfigError(f"--image_frame={image_frame} must be in [0, --frames={frames}).")
     picture = read_media(image, width, height, max_frames=1)[:1]
-    total, k = latent_count(sampler, frames), latent_count(sampler, image_frame + 1) - 1
-    latents, given = _blank(sampler, total, width, height), np.zeros((1, total), bool)
-    latents[0, k], given[0, k] = to_latents(sampler, picture)[0], True
-    return _generate(sampler, prompt, width, height, frames, Condition(latents, given), **kw)
+    condition = sampler.image_condition(picture[None], frames, latent_count(sampler, image_frame + 1) - 1)
+    return _generate(sampler, prompt, width, height, frames, condition, **kw)
 
 
 def video_to_video(sampler: Sampler, prompt: str, video: str, width: int, height: int, frames: int,

@@ -4,10 +4,9 @@ Each request (prompt, width, height, frames) becomes one sample of a packed row:
 positions, caption, metadata and timestep schedule (the token-count shift differs per size), exactly as
 training packs clips; any of the solvers integrates every sample on its own schedule. Rows hold up to
 `row_tokens` tokens (default: the largest request, or config.data.seq_len if larger); requests go first-fit by
-decreasing size. A request's output does not depend
-on what it is packed with (tests/test_modes.py checks it against the request alone), and its noise is drawn
-from its own seed (request["seed"], default seed + its index; the stochastic solver's fresh noise too), so the
-same requests give the same videos.
+decreasing size. A request's output does not depend on what it is packed with (tests/test_modes.py checks it
+against the request alone), and its noise is drawn from its own seed (request["seed"], default seed + its
+index; the stochastic solver's fresh noise too), so the same requests give the same videos.
 """
 from __future__ import annotations
 
@@ -19,10 +18,9 @@ import numpy as np
 from tqdm import tqdm
 
 from sora_jax import patching
-from sora_jax.config_validation import ConfigError
 from sora_jax.diffusion.flow import token_shift
-from sora_jax.diffusion.solvers import SOLVERS, integrate, timesteps
-from sora_jax.generation import Sampler, check_request
+from sora_jax.diffusion.solvers import integrate, timesteps
+from sora_jax.generation import Sampler, check_request, stochastic_key
 from sora_jax.models.dit import PackedInputs
 from sora_jax.video_io import to_uint8
 
@@ -49,9 +47,7 @@ def generate_packed(sampler: Sampler, requests: list[dict], steps: int = 30, gui
     solver: one of SOLVERS ("": config.sample.solver), each sample integrated on its own schedule.
     """
     config, fps = sampler.config, float(fps or sampler.config.sample.fps)
-    solver = solver or config.sample.get("solver", "euler")
-    if solver not in SOLVERS:
-        raise ConfigError(f"solver {solver!r}; choose one of {SOLVERS}.")
+    solver, _ = sampler.resolve(solver, "joint")
     grids = [check_request(config, [r["prompt"]], r["width"], r["height"], r["frames"], steps) for r in requests]
     sizes = [int(np.prod(g)) for g in grids]
     capacity = max(row_tokens or config.data.seq_len, max(sizes))
@@ -84,9 +80,8 @@ def _fresh_noise(requests, sizes, rows, shape, seed):
         for r, members in enumerate(rows):
             start = 0
             for k in members:
-                key = jax.random.fold_in(jax.random.key(requests[k].get("seed", seed + k)), 1)
-                out[r, start:start + sizes[k]] = np.asarray(
-                    jax.random.normal(jax.random.fold_in(key, i), (sizes[k], shape[-1]), jnp.float32))
+                key = jax.random.fold_in(stochastic_key(requests[k].get("seed", seed + k)), i)
+                out[r, start:start + sizes[k]] = np.asarray(jax.random.normal(key, (sizes[k], shape[-1]), jnp.float32))
                 start += sizes[k]
         return jnp.asarray(out)
     return noise

@@ -277,7 +277,7 @@ def test_image_first_text_to_video_animates_its_own_generated_image(sampler):
     images = sampler.generate(prompts, 16, 16, 1, first_frame="joint", **kw)
     assert video.shape == (2, 4, 16, 16, 3)
     assert np.abs(video[:, :1].astype(int) - images).max() <= 1  # its first frame is that image
-    animated = sampler.generate(prompts, 16, 16, 4, condition=sampler.first_frame_condition(images, 4), **kw)
+    animated = sampler.generate(prompts, 16, 16, 4, condition=sampler.image_condition(images, 4), **kw)
     np.testing.assert_array_equal(video, animated)  # ...animated as image-to-video
     joint = sampler.generate(prompts, 16, 16, 4, first_frame="joint", **kw)
     assert np.abs(joint[:, 0].astype(int) - images[:, 0]).max() > 2
