@@ -39,6 +39,8 @@ flags.DEFINE_integer("height", 32, "Height.")
 flags.DEFINE_integer("frames", 8, "Given (and generated) frames per clip.")
 flags.DEFINE_integer("steps", 30, "Sampling steps.")
 flags.DEFINE_float("guidance", 3.0, "Guidance.")
+flags.DEFINE_list("guidance_interval", None, "lo,hi: guidance only while t is in [lo, hi] (default: the run's "
+                  "config.sample.guidance_interval).")
 flags.DEFINE_string("out", "", "Where to write the JSON summary.")
 
 
@@ -145,10 +147,13 @@ def measure_loop_and_long(sampler, world, fps: float) -> dict:
 def main(argv):
     del argv
     sampler = Sampler.from_workdir(FLAGS.workdir)
+    if FLAGS.guidance_interval:
+        sampler.guidance_interval = tuple(float(v) for v in FLAGS.guidance_interval)
     fps = float(sampler.config.sample.fps)
     world = ProceduralWorld(seed=12345, sides=(FLAGS.width,), frames=(2 * FLAGS.frames,), split="heldout")
     summary = {"workdir": FLAGS.workdir, "clips": FLAGS.clips, "size": [FLAGS.width, FLAGS.height, FLAGS.frames],
-               "steps": FLAGS.steps, "i2v": measure_i2v(sampler, world, fps),
+               "steps": FLAGS.steps, "guidance": FLAGS.guidance, "guidance_interval": list(sampler.guidance_interval),
+               "i2v": measure_i2v(sampler, world, fps),
                "extend": measure_extend(sampler, world, fps), **measure_loop_and_long(sampler, world, fps)}
     print(json.dumps(summary, indent=2))
     if FLAGS.out:

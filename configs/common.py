@@ -155,7 +155,7 @@ def base_config() -> ml_collections.ConfigDict:
         # Condition on each sample's (fps, original height, width, duration) -- batch["meta"] -- as well.
         meta_conditioning=False,
         # "edges": tokens also learn their distances to their sample's boundaries (sora_jax/models/dit.py).
-        abs_pos="none"))
+        abs_pos="none", head="linear"))
     # "identity" (pixel space) or "vae" with checkpoint= a directory from `python -m sora_jax.convert`.
     c.autoencoder = ml_collections.ConfigDict(dict(name="identity", checkpoint=""))
     # pad_captions (frozen encoders only): every caption takes max_len slots, zero features past its tokens, all
@@ -176,9 +176,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     # solver: sora_jax.diffusion.solvers.SOLVERS (euler, heun, unipc, stochastic). first_frame (text-to-video):
     # "joint" generates every frame at once; "image" generates the first frame as an image, then animates it.
+    # guidance_interval (lo, hi): guidance applies only while t is in [lo, hi] (Kynkaanniemi et al. 2024);
+    # outside it the conditional velocity alone is used.
     c.sample = ml_collections.ConfigDict(dict(
         steps=30, guidance=3.0, width=48, height=32, frames=8, fps=8, use_ema=True, num_prompts=8, solver="euler",
-        first_frame="joint"))
+        first_frame="joint", guidance_interval=(0.0, 1.0)))
     c.eval = eval_config("dit")
     return c
 

@@ -225,6 +225,7 @@ def validate_dit(config) -> None:
     _require(s.get("solver", "euler") in SOLVERS, f"config.sample.solver={s.get('solver')!r}; choose one of {SOLVERS}.")
     _require(s.get("first_frame", "joint") in FIRST_FRAME,
              f"config.sample.first_frame={s.get('first_frame')!r}; choose one of {FIRST_FRAME}.")
+    check_guidance_interval(s.get("guidance_interval", (0.0, 1.0)), "config.sample.guidance_interval")
     check_video_size(config, s.width, s.height, s.frames, what="config.sample: ")
 
 
@@ -391,3 +392,18 @@ def _config_of(flag_name: str, argv: list[str]):
         except Exception:  # noqa: BLE001 -- only a better message is at stake; the caller has a plain one
             return None
     return None
+
+
+def check_guidance_interval(value, name: str) -> tuple[float, float]:
+    """(lo, hi) of a guidance interval, checked: two numbers with 0 <= lo <= hi <= 1. `name` says where it came from.
+
+    Raises:
+      ConfigError: naming the value and the fix.
+    """
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r}: give two numbers lo,hi with 0 <= lo <= hi <= 1, e.g. 0.5,1.") from None
+    _require(0.0 <= lo <= hi <= 1.0, f"{name}=({lo}, {hi}) must satisfy 0 <= lo <= hi <= 1 (e.g. 0.5,1; 0,1: "
+             "guidance at every step).")
+    return lo, hi

@@ -21,10 +21,11 @@ from flax import nnx
 from tqdm import tqdm
 
 from sora_jax import patching
-from sora_jax.config_validation import FIRST_FRAME, ConfigError, check_video_size
+from sora_jax.config_validation import FIRST_FRAME, ConfigError, check_guidance_interval, check_video_size
 from sora_jax.convert.hf_text import caption_encoder_of, encode_captions
 from sora_jax.diffusion.flow import predict_velocity, token_shift
 from sora_jax.diffusion.solvers import SOLVERS, integrate, timesteps
+from sora_jax.layers.common import gather_segments
 from sora_jax.models import build_model
 from sora_jax.models.autoencoder import build_autoencoder
 from sora_jax.models.dit import PackedInputs
@@ -96,6 +97,9 @@ class Sampler:
         self.autoencoder = build_autoencoder(config.autoencoder)
         self.patch = tuple(config.model.patch)
         self._vel = jax.jit(self._velocity, static_argnames=("guidance", "image_guidance"))
+        # (lo, hi): guidance only while t is in it (see _velocity); callers may set another checked pair.
+        self.guidance_interval = check_guidance_interval(config.sample.get("guidance_interval", (0.0, 1.0)),
+                                                         "config.sample.guidance_interval")
         # A frozen caption encoder (config.text.path): the very one, and the same features, as in training.
         self._caption_encoder = caption_encoder_of(config)
         self._encode_captions = jax.jit(encode_captions, static_argnums=0)
@@ -135,16 +139,23 @@ class Sampler:
         return sampler
 
     def _velocity(self, params, inputs: PackedInputs, x, t, guidance: float, image_guidance: float = 1.0,
-                  clean=None, noise=None):
+                  clean=None, noise=None, interval=None):
         """The guided velocity at (x, t); every branch goes through the model in one batch (one call).
 
         guidance: text guidance g. image_guidance: with given tokens, a separate scale g_i on them:
         v = v_none + g_i (v_given - v_none) + g (v_full - v_given), where v_full has caption and given tokens,
         v_given the given tokens only, v_none neither (its given tokens are noised to t like the rest, from
         `noise`, and generated). g_i = 1 reduces to plain text guidance with the given tokens in both branches.
+        Both scales apply only while t lies in `interval` (lo, hi; None: self.guidance_interval, which the jitted
+        callers pass as an array, so changing it never meets a stale trace); outside it a token's velocity is the
+        conditional one, v_full (t may differ per sample: packed requests).
         """
         model = nnx.merge(self.graphdef, params)
         inputs = inputs._replace(tokens=x, t=jnp.full_like(inputs.t, t))
+        lo, hi = self.guidance_interval if interval is None else interval
+        t_tok = gather_segments(inputs.t, inputs.segments)[..., None]
+        inside = (t_tok >= lo) & (t_tok <= hi)
+        g, g_image = (jnp.where(inside, scale, 1.0) for scale in (guidance, image_guidance))
         kept, dropped = jnp.zeros_like(inputs.drop_text), jnp.ones_like(inputs.drop_text)
         if guidance == 1.0 and image_guidance == 1.0:
             return predict_velocity(model, inputs._replace(drop_text=kept), self.config.flow)
@@ -157,9 +168,9 @@ class Sampler:
         velocities = jnp.split(predict_velocity(model, batch, self.config.flow), len(branches))
         if not separate:
             v_cond, v_uncond = velocities
-            return v_uncond + guidance * (v_cond - v_uncond)
+            return v_uncond + g * (v_cond - v_uncond)
         v_full, v_given, v_none = velocities
-        return v_none + image_guidance * (v_given - v_none) + guidance * (v_full - v_given)
+        return v_none + g_image * (v_given - v_none) + g * (v_full - v_given)
 
     def caption_inputs(self, prompts) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(text, text_segments, text_positions), one prompt per row of config.text.max_len slots: token ids
@@ -226,7 +237,8 @@ class Sampler:
 
         def velocity(x, t):
             return self._vel(self.params, inputs, x, jnp.float32(t), guidance=float(guidance),
-                             image_guidance=float(image_guidance), clean=clean, noise=noise)
+                             image_guidance=float(image_guidance), clean=clean, noise=noise,
+                             interval=jnp.asarray(self.guidance_interval, jnp.float32))
         with tqdm(total=len(ts) - 1, desc="sampling", disable=not progress, file=sys.stderr) as bar:
             x = integrate(solver, velocity, x, ts, bar, None if given is None else (given[..., None], clean),
                           key=stochastic_key(seed))
@@ -298,7 +310,8 @@ def sample_to_dir(sampler: Sampler, prompts, out: str, width: int, height: int, 
     paths = []
     for i, (prompt, video) in enumerate(zip(prompts, videos)):
         request = dict(mode="t2v" if frames > 1 else "t2i", width=width, height=height, frames=frames, fps=fps,
-                       steps=steps, guidance=guidance, seed=seed, solver=solver, first_frame=first_frame,
+                       steps=steps, guidance=guidance, guidance_interval=list(sampler.guidance_interval), seed=seed,
+                       solver=solver, first_frame=first_frame,
                        checkpoint_step=getattr(sampler, "checkpoint_step", None))
         paths += write_result(out, i, prompt, video, request)
     return videos, paths

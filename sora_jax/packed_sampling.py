@@ -65,7 +65,8 @@ def generate_packed(sampler: Sampler, requests: list[dict], steps: int = 30, gui
 
     def velocity(x, t):
         t = jnp.asarray(t.reshape(len(rows), slots))
-        return sampler._vel(sampler.params, inputs._replace(t=t), x, t, guidance=float(guidance))
+        return sampler._vel(sampler.params, inputs._replace(t=t), x, t, guidance=float(guidance),
+                            interval=jnp.asarray(sampler.guidance_interval, jnp.float32))
     with tqdm(total=steps, desc="sampling", disable=not progress, file=sys.stderr) as bar:
         x = integrate(solver, velocity, noise, schedules.reshape(-1, steps + 1).T, bar, columns=columns,
                       fresh_noise=_fresh_noise(requests, sizes, rows, noise.shape, seed))

@@ -24,7 +24,7 @@ import os
 from absl import app, flags
 
 from sora_jax import console
-from sora_jax.config_validation import ConfigError, round_video_size
+from sora_jax.config_validation import ConfigError, check_guidance_interval, round_video_size
 from sora_jax.diffusion.solvers import SOLVERS
 from sora_jax.generation import FIRST_FRAME, Sampler, check_request, guidance_branches, sample_to_dir, write_result
 from sora_jax.modes import DIRECTIONS, GIVEN_FRAME_MODES, MODES, run_mode
@@ -53,6 +53,8 @@ flags.DEFINE_float("seconds", None, "extend / long: seconds to generate.")
 flags.DEFINE_enum("solver", None, list(SOLVERS), "ODE solver (default: config.sample.solver).")
 flags.DEFINE_enum("first_frame", None, list(FIRST_FRAME), "t2v: all frames at once (joint) or the image first, then "
                   "animated (image) (default: config.sample.first_frame).")
+flags.DEFINE_list("guidance_interval", None, "lo,hi: guidance (both scales) only while the noise level t is in "
+                  "[lo, hi], the conditional velocity alone outside (default: config.sample.guidance_interval).")
 flags.DEFINE_float("image_guidance", 1.0, "i2v / extend / loop / transition / long: a separate guidance scale on "
                    "the given frames (1: text guidance only).")
 flags.DEFINE_multi_string("size", [], "WIDTHxHEIGHTxFRAMES per prompt (or one for all): requests of different "
@@ -93,13 +95,15 @@ def _sample() -> None:
     if rounded:
         print(rounded)
     solver = FLAGS.solver or s.get("solver", "euler")
+    if FLAGS.guidance_interval is not None:
+        check_guidance_interval(FLAGS.guidance_interval, "--guidance_interval")
     if FLAGS.size:
         _sample_packed(config, out, steps, guidance, fps, solver)
         return
     check_request(config, FLAGS.prompt, width, height, frames, steps,
                   guidance_branches(guidance, FLAGS.image_guidance, FLAGS.mode in GIVEN_FRAME_MODES))
     if FLAGS.mode in ("t2v", "t2i"):
-        sampler = Sampler.from_workdir(FLAGS.workdir, FLAGS.use_ema)
+        sampler = _restore()
         _, paths = sample_to_dir(sampler, FLAGS.prompt, out, width, height, frames, steps, guidance, FLAGS.seed, fps,
                                  solver, FLAGS.first_frame or "")
         print("Wrote:\n  " + "\n  ".join(paths))
@@ -109,12 +113,21 @@ def _sample() -> None:
                    video=FLAGS.video, video_end=FLAGS.video_end, strength=FLAGS.strength, direction=FLAGS.direction,
                    seconds=FLAGS.seconds, solver=solver, image_guidance=FLAGS.image_guidance)
     run_mode(None, "", request, check_only=True)  # media present, strength and lengths valid: before restoring
-    sampler = Sampler.from_workdir(FLAGS.workdir, FLAGS.use_ema)
+    sampler = _restore()
     paths = []
     for i, prompt in enumerate(FLAGS.prompt):
         video = run_mode(sampler, prompt, request)
-        paths += write_result(out, i, prompt, video, {**request, "checkpoint_step": sampler.checkpoint_step})
+        paths += write_result(out, i, prompt, video, {**request, "guidance_interval": list(sampler.guidance_interval),
+                                                       "checkpoint_step": sampler.checkpoint_step})
     print("Wrote:\n  " + "\n  ".join(paths))
+
+
+def _restore() -> Sampler:
+    """The run's sampler, with --guidance_interval (checked before) in place of the config's when given."""
+    sampler = Sampler.from_workdir(FLAGS.workdir, FLAGS.use_ema)
+    if FLAGS.guidance_interval is not None:
+        sampler.guidance_interval = check_guidance_interval(FLAGS.guidance_interval, "--guidance_interval")
+    return sampler
 
 
 def _parse_sizes(config) -> list[tuple[int, int, int]]:
@@ -145,13 +158,14 @@ def _sample_packed(config, out: str, steps: int, guidance: float, fps: int, solv
                 for i, (p, (w, h, f)) in enumerate(zip(FLAGS.prompt, _parse_sizes(config)))]
     for r in requests:
         check_request(config, [r["prompt"]], r["width"], r["height"], r["frames"], steps, guidance_branches(guidance))
-    sampler = Sampler.from_workdir(FLAGS.workdir, FLAGS.use_ema)
+    sampler = _restore()
     videos = generate_packed(sampler, requests, steps=steps, guidance=guidance, fps=fps, solver=solver)
     paths = []
     for i, (r, video) in enumerate(zip(requests, videos)):
         request = dict(mode="t2v" if r["frames"] > 1 else "t2i", width=r["width"], height=r["height"],
                        frames=r["frames"], fps=fps, steps=steps, guidance=guidance, seed=r["seed"], solver=solver,
-                       first_frame="joint", packed=True, checkpoint_step=sampler.checkpoint_step)
+                       first_frame="joint", guidance_interval=list(sampler.guidance_interval), packed=True,
+                       checkpoint_step=sampler.checkpoint_step)
         paths += write_result(out, i, r["prompt"], video, request)
     print("Wrote:\n  " + "\n  ".join(paths))
 

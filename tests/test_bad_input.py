@@ -86,6 +86,10 @@ BAD_INPUTS = {
     "unknown first-frame rule": (
         {"sample.first_frame": "first"}, ConfigError,
         "config.sample.first_frame='first'; choose one of ('joint', 'image')."),
+    "guidance interval upside down": (
+        {"sample.guidance_interval": (0.8, 0.2)}, ConfigError,
+        "config.sample.guidance_interval=(0.8, 0.2) must satisfy 0 <= lo <= hi <= 1 (e.g. 0.5,1; 0,1: guidance at "
+        "every step)."),
     "deeper model": (
         {"model.depth": 3, "total_steps": 8}, CheckpointMismatchError,
         _MISMATCH + "different model: tensor ema/blocks/2/attn/k/bias is missing from it." + _FIX),

@@ -49,7 +49,7 @@ def test_the_demo_model_follows_its_captions(tmp_path, monkeypatch):
     config.update(total_steps=200, checkpoint_every_steps=200, log_every_steps=50, eval_batches=4)
     # Euler at guidance 3: after 200 steps the objects are faint, and the default stochastic sampler (made for the
     # 1,400-step model) re-noises them away (color 2/8, most samples with no object at all; 2026-12-04).
-    config.sample.update(num_prompts=8, steps=20, solver="euler", guidance=3.0)
+    config.sample.update(num_prompts=8, steps=20, solver="euler", guidance=3.0, guidance_interval=(0.0, 1.0))
     workdir = str(tmp_path)
     train_and_evaluate(config, workdir)
 

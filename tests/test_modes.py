@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from sora_jax import modes
+from sora_jax import generation, modes
 from sora_jax.config_validation import ConfigError
 from sora_jax.generation import Sampler
 from sora_jax.video_io import write_mp4
@@ -118,11 +118,15 @@ def test_cli_writes_each_mode_with_its_request(trained_workdir, media_files, tmp
         [sys.executable, "-m", "sora_jax.sample", f"--workdir={trained_workdir}", f"--prompt={PROMPT}",
          "--width=16", "--height=16", "--frames=4", "--steps=2", f"--out={out}", *flags], cwd=ROOT,
         capture_output=True, text=True, timeout=600)
-    r = run("--mode=i2v", f"--image={media_files[0]}", "--image_frame=1")
+    r = run("--mode=i2v", f"--image={media_files[0]}", "--image_frame=1", "--guidance_interval=0.4,1")
     assert r.returncode == 0, r.stderr[-2000:]
     with open(os.path.join(out, "000_a_red_circle_moving_right.json")) as f:
         record = json.load(f)
     assert record["mode"] == "i2v" and record["image"] == media_files[0] and record["frames_written"] == 4
+    assert record["guidance_interval"] == [0.4, 1.0]
+    r = run("--guidance_interval=0.9")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        "error: --guidance_interval=['0.9']: give two numbers lo,hi with 0 <= lo <= hi <= 1, e.g. 0.5,1."), r.stderr
     assert os.path.exists(os.path.join(out, "000_a_red_circle_moving_right.mp4"))
     r = run("--mode=extend", "--seconds=1")
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "error: --mode=extend needs --video.", r.stderr
@@ -177,6 +181,38 @@ def test_guidance_runs_both_branches_as_one_batched_call(sampler, monkeypatch):
     cond, uncond = one(False), one(True)
     np.testing.assert_allclose(guided, uncond + 3.0 * (cond - uncond), rtol=0, atol=1e-4)
     assert np.abs(cond - uncond).max() > 1e-3
+
+
+def test_guidance_applies_only_inside_its_interval(sampler, monkeypatch):
+    """config.sample.guidance_interval (lo, hi): a token whose sample's t is inside gets the guided velocity, one
+    outside the conditional velocity alone. Two samples packed in one row at t = 0.7 and 0.3, interval (0.5, 1)."""
+    import jax.numpy as jnp
+
+    from sora_jax.models.dit import PackedInputs
+    text, segs, pos = (np.asarray(a) for a in sampler.caption_inputs([PROMPT, "a blue square moving up"]))
+    n, dim = 8, 8 * 8 * 3
+    grid = np.stack(np.meshgrid(np.arange(2), np.arange(2), np.arange(2), indexing="ij"), -1).reshape(n, 3)
+    segments = np.repeat([1, 2], n // 2)[None].astype(np.int32)
+    inputs = PackedInputs(
+        None, jnp.asarray(grid[None].astype(np.int32)), jnp.asarray(segments), jnp.ones((1, 2)),
+        jnp.asarray(np.concatenate(text)[None]), jnp.asarray(np.concatenate([segs[0], 2 * segs[1]])[None]),
+        jnp.asarray(np.concatenate(pos)[None]), jnp.zeros((1, 2), bool),
+        jnp.asarray(np.full((1, 2, 4), [8.0, 16, 16, 0.25], np.float32)))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, n, dim)).astype(np.float32))
+    t = jnp.asarray([[0.7, 0.3]])
+    model = nnx.merge(sampler.graphdef, sampler.params)
+    one = lambda drop: np.asarray(generation.predict_velocity(model, inputs._replace(  # noqa: E731
+        tokens=x, t=t, drop_text=jnp.full((1, 2), drop)), sampler.config.flow))
+    cond, uncond = one(False), one(True)
+    guided = uncond + 3.0 * (cond - uncond)
+    assert np.abs(guided - cond).max() > 1e-3  # guidance matters for both samples
+    monkeypatch.setattr(sampler, "guidance_interval", (0.5, 1.0))
+    got = np.asarray(sampler._velocity(sampler.params, inputs, x, t, guidance=3.0))
+    np.testing.assert_allclose(got[:, :4], guided[:, :4], rtol=0, atol=1e-4)  # t = 0.7: inside, guided
+    np.testing.assert_allclose(got[:, 4:], cond[:, 4:], rtol=0, atol=1e-4)  # t = 0.3: outside, conditional only
+    monkeypatch.setattr(sampler, "guidance_interval", (0.0, 1.0))  # the default: guided everywhere
+    np.testing.assert_allclose(np.asarray(sampler._velocity(sampler.params, inputs, x, t, guidance=3.0)), guided,
+                               rtol=0, atol=1e-4)
 
 
 def test_sizes_the_factors_do_not_divide_are_rounded_by_the_documented_rule():

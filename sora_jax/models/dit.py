@@ -29,6 +29,9 @@ express other DiTs of this family; configs/wan21.py sets them to Wan 2.1's text-
                     sinusoids of its distances to its sample's six boundaries (first/last frame, top/bottom,
                     left/right). RoPE only tells tokens their offsets from one another; a small model trained
                     briefly learns where the walls are (whole objects, bounces) much sooner when told.
+  head              output projection: "linear" (hidden -> patch) | "mlp" (hidden -> ffn_dim, GELU-tanh, -> patch).
+                    A linear head's outputs span at most `hidden` dimensions: a pixel-space model whose patches
+                    are wider (8x8x3 = 192 > 128) cannot draw every patch, and sharp edges come out smeared.
 With config.text.encoder = "precomputed" the model has no text encoder: PackedInputs.text carries caption
 features [B, Lt, config.text.width] computed elsewhere (e.g. umT5's, cached offline).
 """
@@ -118,6 +121,7 @@ MODEL_OPTIONS = {
     "image_dim": (0, None),
     "cond_channels": (0, None),
     "abs_pos": ("none", ("none", "edges")),
+    "head": ("linear", ("linear", "mlp")),
 }
 PRECOMPUTED_TEXT = "precomputed"  # config.text.encoder: caption features come with the batch
 
@@ -241,7 +245,12 @@ class DiT(nnx.Module):
             self.final_mod = dense(dim, 2 * dim, ("embed", "mlp"), rngs=rngs, zero_init=True)
         else:
             self.final_table = nnx.Param(jnp.zeros((2, dim), param_dtype), out_sharding=(None, "embed"))
-        self.final = dense(dim, patch_dim, ("embed", "patch"), rngs=rngs, zero_init=True, dtype=dtype)
+        self.final_hidden, head_in = nnx.data(None), dim
+        if opts["head"] == "mlp":
+            head_in = opts["ffn_dim"]
+            self.final_hidden = dense(dim, head_in, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.final = dense(head_in, patch_dim, ("mlp" if opts["head"] == "mlp" else "embed", "patch"), rngs=rngs,
+                           zero_init=True, dtype=dtype)
 
     def _init_text(self, text_cfg, vocab_size: int, dim: int, opts: dict, *, rngs, backend, block, dtype):
         """The text encoder (None for precomputed features), the projection to `dim`, the null caption."""
@@ -360,4 +369,7 @@ class DiT(nnx.Module):
         x = self.run_blocks(x, (mod, rope, inputs.segments, context, inputs.text_segments, image,
                                 inputs.image_segments))
         shift, scale = jnp.split(final_mod, 2, axis=-1)
-        return self.final(modulate(self.final_norm(x), shift, scale)).astype(jnp.float32)
+        x = modulate(self.final_norm(x), shift, scale)
+        if self.final_hidden is not None:
+            x = jax.nn.gelu(self.final_hidden(x), approximate=True)
+        return self.final(x).astype(jnp.float32)
