@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipelines.procedural import SIZES, ProceduralWorld, render, trajectory  # noqa: E402
 from sora_jax import modes  # noqa: E402
+from sora_jax.config_validation import check_guidance_interval  # noqa: E402
 from sora_jax.evaluation import detectors  # noqa: E402
 from sora_jax.evaluation.color import detect_color  # noqa: E402
 from sora_jax.generation import Sampler  # noqa: E402
@@ -149,8 +150,8 @@ def measure_loop_and_long(sampler, world, fps: float) -> dict:
 def main(argv):
     del argv
     sampler = Sampler.from_workdir(FLAGS.workdir)
-    if FLAGS.guidance_interval:
-        sampler.guidance_interval = tuple(float(v) for v in FLAGS.guidance_interval)
+    if FLAGS.guidance_interval is not None:
+        sampler.guidance_interval = check_guidance_interval(FLAGS.guidance_interval, "--guidance_interval")
     fps = float(sampler.config.sample.fps)
     world = ProceduralWorld(seed=12345, sides=(FLAGS.width,), frames=(2 * FLAGS.frames,), split="heldout")
     summary = {"workdir": FLAGS.workdir, "clips": FLAGS.clips, "size": [FLAGS.width, FLAGS.height, FLAGS.frames],

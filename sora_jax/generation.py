@@ -162,7 +162,7 @@ class Sampler:
         branches = [inputs._replace(drop_text=kept), inputs._replace(drop_text=dropped)]
         separate = image_guidance != 1.0 and inputs.given is not None
         if separate:
-            noised = jnp.where(inputs.given[..., None], (1.0 - t) * clean + t * noise, x)
+            noised = jnp.where(inputs.given[..., None], (1.0 - t_tok) * clean + t_tok * noise, x)
             branches.append(inputs._replace(tokens=noised, drop_text=dropped, given=jnp.zeros_like(inputs.given)))
         batch = jax.tree.map(lambda *a: jnp.concatenate(a), *branches)
         velocities = jnp.split(predict_velocity(model, batch, self.config.flow), len(branches))

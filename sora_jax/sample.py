@@ -54,7 +54,8 @@ flags.DEFINE_enum("solver", None, list(SOLVERS), "ODE solver (default: config.sa
 flags.DEFINE_enum("first_frame", None, list(FIRST_FRAME), "t2v: all frames at once (joint) or the image first, then "
                   "animated (image) (default: config.sample.first_frame).")
 flags.DEFINE_list("guidance_interval", None, "lo,hi: guidance (both scales) only while the noise level t is in "
-                  "[lo, hi], the conditional velocity alone outside (default: config.sample.guidance_interval).")
+                  "[lo, hi], the conditional velocity alone outside (default: config.sample.guidance_interval). "
+                  "v2v starts at t = --strength: below lo it is never guided.")
 flags.DEFINE_float("image_guidance", 1.0, "i2v / extend / loop / transition / long: a separate guidance scale on "
                    "the given frames (1: text guidance only).")
 flags.DEFINE_multi_string("size", [], "WIDTHxHEIGHTxFRAMES per prompt (or one for all): requests of different "

@@ -205,7 +205,7 @@ def test_guidance_applies_only_inside_its_interval(sampler, monkeypatch):
         tokens=x, t=t, drop_text=jnp.full((1, 2), drop)), sampler.config.flow))
     cond, uncond = one(False), one(True)
     guided = uncond + 3.0 * (cond - uncond)
-    assert np.abs(guided - cond).max() > 1e-3  # guidance matters for both samples
+    assert min(np.abs(guided - cond)[:, k:k + 4].max() for k in (0, 4)) > 1e-3  # guidance matters to each sample
     monkeypatch.setattr(sampler, "guidance_interval", (0.5, 1.0))
     got = np.asarray(sampler._velocity(sampler.params, inputs, x, t, guidance=3.0))
     np.testing.assert_allclose(got[:, :4], guided[:, :4], rtol=0, atol=1e-4)  # t = 0.7: inside, guided
@@ -213,6 +213,11 @@ def test_guidance_applies_only_inside_its_interval(sampler, monkeypatch):
     monkeypatch.setattr(sampler, "guidance_interval", (0.0, 1.0))  # the default: guided everywhere
     np.testing.assert_allclose(np.asarray(sampler._velocity(sampler.params, inputs, x, t, guidance=3.0)), guided,
                                rtol=0, atol=1e-4)
+    # The jitted path takes the interval as an array: a new interval is used, not a stale trace; lo is inclusive.
+    jitted = lambda lo: np.asarray(sampler._vel(sampler.params, inputs, x, t, guidance=3.0,  # noqa: E731
+                                                interval=jnp.asarray([lo, 1.0])))
+    np.testing.assert_allclose(jitted(0.3), guided, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(jitted(0.8), cond, rtol=0, atol=1e-4)
 
 
 def test_sizes_the_factors_do_not_divide_are_rounded_by_the_documented_rule():
@@ -257,6 +262,9 @@ def test_a_separate_image_guidance_is_one_call_of_three_branches(sampler, monkey
     none = run(jnp.where(given[..., None], 0.4 * clean + 0.6 * noise, x), True, jnp.zeros_like(given))
     np.testing.assert_allclose(guided, none + 2.0 * (only_given - none) + 3.0 * (full - only_given), rtol=0, atol=1e-4)
     assert np.abs(only_given - none).max() > 1e-3  # the given frames matter to the model
+    # Outside the guidance interval both scales are 1: the velocity is the full-conditioning one.
+    outside = sampler._velocity(sampler.params, inputs, x, 0.6, 3.0, 2.0, clean, noise, interval=(0.7, 1.0))
+    np.testing.assert_allclose(np.asarray(outside), full, rtol=0, atol=1e-4)
 
 
 def test_the_memory_check_counts_every_guidance_branch(sampler, monkeypatch):
