@@ -40,6 +40,8 @@ flags.DEFINE_integer("height", 32, "Height.")
 # 6 + 6: a window as long as the longest clip the demo trains on (12 frames). With 8 + 8 the model is asked for
 # distances it never saw, and extension did worse than freezing the last frame (12.3 vs 11.2 px; 7.2 vs 8.4 at 6 + 6).
 flags.DEFINE_integer("frames", 6, "Given (and generated) frames per clip.")
+flags.DEFINE_integer("extend_window", 0, "extend: latent frames per generation (0: 2 x --frames, the extension in "
+                     "one window; fewer rolls, as modes.extend does past config.sample.frames).")
 flags.DEFINE_integer("steps", 30, "Sampling steps.")
 flags.DEFINE_float("guidance", 3.0, "Guidance.")
 flags.DEFINE_list("guidance_interval", None, "lo,hi: guidance only while t is in [lo, hi] (default: the run's "
@@ -85,7 +87,8 @@ def measure_extend(sampler, world, fps: float) -> dict:
             src = os.path.join(tmp, f"{i}.mp4")
             write_mp4(src, video[:FLAGS.frames], int(fps))
             out = modes.extend(sampler, p.caption, src, FLAGS.width, FLAGS.height, FLAGS.frames / fps, "forward",
-                               fps, steps=FLAGS.steps, guidance=FLAGS.guidance, progress=False, seed=i)
+                               fps, window=FLAGS.extend_window or 2 * FLAGS.frames, steps=FLAGS.steps,
+                               guidance=FLAGS.guidance, progress=False, seed=i)
             new = out[FLAGS.frames:2 * FLAGS.frames]
             phys, got = _physics(p, FLAGS.frames), centres(new)
             given_last = centres(out[FLAGS.frames - 1:FLAGS.frames])[0]
@@ -156,7 +159,7 @@ def main(argv):
     world = ProceduralWorld(seed=12345, sides=(FLAGS.width,), frames=(2 * FLAGS.frames,), split="heldout")
     summary = {"workdir": FLAGS.workdir, "clips": FLAGS.clips, "size": [FLAGS.width, FLAGS.height, FLAGS.frames],
                "steps": FLAGS.steps, "guidance": FLAGS.guidance, "guidance_interval": list(sampler.guidance_interval),
-               "i2v": measure_i2v(sampler, world, fps),
+               "extend_window": FLAGS.extend_window or 2 * FLAGS.frames, "i2v": measure_i2v(sampler, world, fps),
                "extend": measure_extend(sampler, world, fps), **measure_loop_and_long(sampler, world, fps)}
     print(json.dumps(summary, indent=2))
     if FLAGS.out:

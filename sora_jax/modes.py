@@ -77,6 +77,14 @@ def _blank(sampler: Sampler, latent_frames: int, width: int, height: int) -> np.
     return np.zeros((1, latent_frames, h, w, sampler.autoencoder.channels), np.float32)
 
 
+def trained_window(sampler: Sampler) -> int:
+    """Latent frames of the longest clip the model trains on: max(config.data.frames) of the procedural world,
+    config.data.clip_frames of a decoded source."""
+    data = sampler.config.data
+    raw = data.get("raw_source", "procedural") if data.source == "latents" else data.source
+    return latent_count(sampler, max(data.frames) if raw == "procedural" else data.clip_frames)
+
+
 def _generate(sampler: Sampler, prompt: str, width: int, height: int, frames: int, condition, **kw) -> np.ndarray:
     return sampler.generate([prompt], width, height, frames, condition=condition, **kw)[0]
 
@@ -107,10 +115,15 @@ def video_to_video(sampler: Sampler, prompt: str, video: str, width: int, height
 
 def extend(sampler: Sampler, prompt: str, video: str, width: int, height: int, seconds: float,
            direction: str = "forward", fps: float = 8.0, context: int = 0, max_seconds: float = 60.0,
-           **kw) -> np.ndarray:
+           window: int = 0, **kw) -> np.ndarray:
     """The video with `seconds` more of it generated after its end (forward) or before its start (backward).
 
     context: latent frames of the source handed over (0: as many as are generated, at most the source's).
+    window: the most latent frames one generation holds (0: trained_window, the longest clip training sees). An
+      extension that does not fit with its context rolls, as `long` does: windows of `window` latent frames,
+      each conditioned on `context` (0: half a window) frames of the one before, so the model is never asked
+      for a clip longer than it trains on (beyond it, extension does worse than freezing the last frame:
+      BUILD_NOTES, "extension windows"), and memory does not grow with the length.
     """
     if direction not in DIRECTIONS:
         raise ConfigError(f"--direction={direction!r}; choose one of {DIRECTIONS}.")
@@ -119,11 +132,24 @@ def extend(sampler: Sampler, prompt: str, video: str, width: int, height: int, s
     source = read_media(video, width, height, MAX_SOURCE_FRAMES, fps, _temporal_stride(sampler))
     src_latents = to_latents(sampler, source)
     new = max(1, math.ceil(seconds * fps / _temporal_stride(sampler)))
+    window = window or trained_window(sampler)
     m = min(src_latents.shape[0], context or max(1, new))
-    window, px = _extend_window(sampler, prompt, src_latents, m, new, direction, width, height, fps=fps, **kw)
-    if direction == "forward":
-        return np.concatenate([source, px[pixels_before(sampler, m):]])
-    return np.concatenate([px[:pixels_before(sampler, window - m)], source])
+    if m + new > window:  # roll
+        m = min(src_latents.shape[0], context or max(1, window // 2))
+        if m >= window:
+            raise ConfigError(f"the context ({m} latent frames) must be shorter than the window ({window}).")
+    seed, video_px, latents = kw.pop("seed", 0), source, src_latents
+    while new > 0:
+        step = min(new, window - m)  # all of it when it fits with its context
+        size, px = _extend_window(sampler, prompt, latents, m, step, direction, width, height, fps=fps, seed=seed,
+                                  **kw)
+        if direction == "forward":
+            video_px = np.concatenate([video_px, px[pixels_before(sampler, m):]])
+        else:
+            video_px = np.concatenate([px[:pixels_before(sampler, size - m)], video_px])
+        latents = to_latents(sampler, px)  # the next window's context comes from this one
+        new, seed = new - step, seed + 1
+    return video_px
 
 
 def _extend_window(sampler, prompt, src_latents, m, new, direction, width, height, **kw):

@@ -66,6 +66,38 @@ def test_extend_keeps_the_source_and_adds_the_seconds(sampler, media_files, dire
     np.testing.assert_array_equal(kept, source)
 
 
+@pytest.mark.parametrize("direction", modes.DIRECTIONS)
+def test_extend_rolls_in_windows_each_conditioned_on_the_one_before(sampler, media_files, monkeypatch, direction):
+    """An extension longer than the window rolls: 5 new frames in windows of 3 with 1 frame of context are 3
+    generations (2 + 2 + 1 new), each given the frame of the previous window that borders the new ones."""
+    source = modes.read_media(media_files[1], 16, 16, modes.MAX_SOURCE_FRAMES, fps=8)
+    calls, real = [], modes._generate
+
+    def record(s, prompt, width, height, frames, condition, **kw):
+        given = np.asarray(condition.given[0])
+        calls.append((frames, int(given.sum()), kw["seed"], np.asarray(condition.latents[0])[given]))
+        return real(s, prompt, width, height, frames, condition, **kw)
+    monkeypatch.setattr(modes, "_generate", record)
+    video = modes.extend(sampler, PROMPT, media_files[1], 16, 16, seconds=5 / 8, direction=direction, fps=8,
+                         window=3, **FAST)
+    n = len(source)
+    assert video.shape[0] == n + 5
+    np.testing.assert_array_equal(video[:n] if direction == "forward" else video[-n:], source)
+    assert [c[:3] for c in calls] == [(3, 1, 0), (3, 1, 1), (2, 1, 2)]
+    # The context of windows 2 and 3: the last (forward) or first (backward) frame the window before generated.
+    borders = [n + 1, n + 3] if direction == "forward" else [3, 1]
+    for call, index in zip(calls[1:], borders):
+        np.testing.assert_allclose(call[3], modes.to_latents(sampler, video[index:index + 1]), atol=1e-6)
+    calls.clear()  # a window that holds it all: one generation, the whole extension's worth of context
+    modes.extend(sampler, PROMPT, media_files[1], 16, 16, seconds=2 / 8, direction=direction, fps=8, window=4,
+                 **FAST)
+    assert [c[:3] for c in calls] == [(4, 2, 0)]
+    calls.clear()  # by default the window is the longest clip training sees (smoke: 4 frames), context half of it
+    assert modes.trained_window(sampler) == max(sampler.config.data.frames) == 4
+    modes.extend(sampler, PROMPT, media_files[1], 16, 16, seconds=5 / 8, direction=direction, fps=8, **FAST)
+    assert [c[:3] for c in calls] == [(4, 2, 0), (4, 2, 1), (3, 2, 2)]
+
+
 def test_v2v_strength_zero_keeps_the_video_and_a_request_repeats_exactly(sampler, media_files):
     source = modes.read_media(media_files[1], 16, 16, 4, fps=8)
     kept = modes.video_to_video(sampler, PROMPT, media_files[1], 16, 16, 4, 0.0, fps=8, **FAST)
