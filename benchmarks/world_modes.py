@@ -41,7 +41,7 @@ flags.DEFINE_integer("height", 32, "Height.")
 # distances it never saw, and extension did worse than freezing the last frame (12.3 vs 11.2 px; 7.2 vs 8.4 at 6 + 6).
 flags.DEFINE_integer("frames", 6, "Given (and generated) frames per clip.")
 flags.DEFINE_integer("extend_window", 0, "extend: latent frames per generation (0: 2 x --frames, the extension in "
-                     "one window; fewer rolls, as modes.extend does past config.sample.frames).")
+                     "one window; fewer: it rolls, as modes.extend does past the longest training clip).")
 flags.DEFINE_integer("steps", 30, "Sampling steps.")
 flags.DEFINE_float("guidance", 3.0, "Guidance.")
 flags.DEFINE_list("guidance_interval", None, "lo,hi: guidance only while t is in [lo, hi] (default: the run's "
