@@ -273,8 +273,7 @@ def sample_prompts(config, count: int) -> tuple[list[str], bool]:
     data = config.data
     while data.source == "mixture":
         data = _component(data, data.mixture[0][0])
-    name = data.raw_source if data.source == "latents" else data.source
-    if name == "procedural":
+    if sources.pixel_source(data) == "procedural":
         return list(HELD_OUT_PROMPTS[:count]), True
     src = build_source(data, "heldout", raw=data.source == "latents")
     prompts = []

@@ -176,7 +176,7 @@ def render(p: WorldParams) -> np.ndarray:
         dist = np.sqrt(dx * dx + dy * dy) - r
     elif p.shape == "square":
         dist = np.maximum(np.abs(dx), np.abs(dy)) - 0.85 * r
-    else:  # an upward triangle: the max of three half-plane distances
+    else:  # apex down (image y grows downward): flat top edge at -r, the two slanted edges meet at +r
         edge = (np.sqrt(3.0) * np.abs(dx) + dy) / 2.0
         dist = np.maximum(edge - 0.5 * r, -dy - r)
     alpha = np.clip(0.5 - dist, 0.0, 1.0)[..., None]

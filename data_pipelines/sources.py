@@ -39,6 +39,12 @@ _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _CSV_SUFFIXES = (".csv",)
 
 
+def pixel_source(data_cfg) -> str:
+    """The source of the pixels a model trains on: config.data.raw_source when it trains on pre-encoded latents
+    (source "latents"), otherwise config.data.source."""
+    return data_cfg.get("raw_source", "procedural") if data_cfg.source == "latents" else data_cfg.source
+
+
 def _record(index: int, name: str, caption, caption_error, **content) -> dict:
     if caption_error is None and (not isinstance(caption, str) or not caption.strip()):
         caption_error = "missing_caption"

@@ -157,20 +157,28 @@ class Sampler:
         inside = (t_tok >= lo) & (t_tok <= hi)
         g, g_image = (jnp.where(inside, scale, 1.0) for scale in (guidance, image_guidance))
         kept, dropped = jnp.zeros_like(inputs.drop_text), jnp.ones_like(inputs.drop_text)
+        conditional = inputs._replace(drop_text=kept)
         if guidance == 1.0 and image_guidance == 1.0:
-            return predict_velocity(model, inputs._replace(drop_text=kept), self.config.flow)
-        branches = [inputs._replace(drop_text=kept), inputs._replace(drop_text=dropped)]
+            return predict_velocity(model, conditional, self.config.flow)
+
+        def guided(_):
+            branches = [conditional, inputs._replace(drop_text=dropped)]
+            if separate:
+                noised = jnp.where(inputs.given[..., None], (1.0 - t_tok) * clean + t_tok * noise, x)
+                branches.append(inputs._replace(tokens=noised, drop_text=dropped, given=jnp.zeros_like(inputs.given)))
+            batch = jax.tree.map(lambda *a: jnp.concatenate(a), *branches)
+            velocities = jnp.split(predict_velocity(model, batch, self.config.flow), len(branches))
+            if not separate:
+                v_cond, v_uncond = velocities
+                return v_uncond + g * (v_cond - v_uncond)
+            v_full, v_given, v_none = velocities
+            return v_none + g_image * (v_given - v_none) + g * (v_full - v_given)
+
         separate = image_guidance != 1.0 and inputs.given is not None
-        if separate:
-            noised = jnp.where(inputs.given[..., None], (1.0 - t_tok) * clean + t_tok * noise, x)
-            branches.append(inputs._replace(tokens=noised, drop_text=dropped, given=jnp.zeros_like(inputs.given)))
-        batch = jax.tree.map(lambda *a: jnp.concatenate(a), *branches)
-        velocities = jnp.split(predict_velocity(model, batch, self.config.flow), len(branches))
-        if not separate:
-            v_cond, v_uncond = velocities
-            return v_uncond + g * (v_cond - v_uncond)
-        v_full, v_given, v_none = velocities
-        return v_none + g_image * (v_given - v_none) + g * (v_full - v_given)
+        # Outside the guidance interval every token's velocity is the conditional one: the extra branches are
+        # not run at all there (one model call instead of two or three).
+        return jax.lax.cond(jnp.any(inside), guided, lambda _: predict_velocity(model, conditional, self.config.flow),
+                            None)
 
     def caption_inputs(self, prompts) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(text, text_segments, text_positions), one prompt per row of config.text.max_len slots: token ids

@@ -27,6 +27,7 @@ import os
 import numpy as np
 
 from data_pipelines import media
+from data_pipelines.sources import pixel_source
 from sora_jax.config_validation import ConfigError
 from sora_jax.generation import Condition, Sampler, to_latents
 
@@ -81,8 +82,7 @@ def trained_window(sampler: Sampler) -> int:
     """Latent frames of the longest clip the model trains on: max(config.data.frames) of the procedural world,
     config.data.clip_frames of a decoded source."""
     data = sampler.config.data
-    raw = data.get("raw_source", "procedural") if data.source == "latents" else data.source
-    return latent_count(sampler, max(data.frames) if raw == "procedural" else data.clip_frames)
+    return latent_count(sampler, max(data.frames) if pixel_source(data) == "procedural" else data.clip_frames)
 
 
 def _generate(sampler: Sampler, prompt: str, width: int, height: int, frames: int, condition, **kw) -> np.ndarray:

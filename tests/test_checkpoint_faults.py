@@ -174,6 +174,24 @@ def test_a_second_trainer_on_a_held_work_dir_is_refused(tmp_path):
         holder.wait()
 
 
+def test_the_after_training_part_runs_under_the_lock(trained_workdir, tmp_path):
+    """`then` (the trainer's sampling and results.json) runs before the lock is released: a second trainer
+    started meanwhile is refused."""
+    workdir = _copy(trained_workdir, tmp_path)
+    code = ("import sys; from sora_jax.train.workdir_lock import WorkdirLock, WorkdirLocked\n"
+            "try:\n    WorkdirLock(sys.argv[1], primary=True).acquire(); print('free')\n"
+            "except WorkdirLocked:\n    print('held')")
+
+    def probe():
+        return subprocess.run([sys.executable, "-c", code, workdir], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    seen = []
+    summary = train_and_evaluate(smoke_config(), workdir, then=lambda s: seen.append(probe()) or {**s, "then": 1})
+    assert seen == ["held"] and summary["then"] == 1
+    assert probe() == "free"
+
+
 def test_the_lock_of_a_dead_trainer_is_taken_over(tmp_path, capsys):
     workdir = str(tmp_path / "w")
     holder = _hold_lock(workdir)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -206,7 +207,8 @@ def test_guidance_runs_both_branches_as_one_batched_call(sampler, monkeypatch):
     real = generation.predict_velocity
     monkeypatch.setattr(generation, "predict_velocity", lambda m, i, f: calls.append(i.tokens.shape) or real(m, i, f))
     guided = np.asarray(sampler._velocity(sampler.params, inputs, x, 0.7, guidance=3.0))
-    assert calls == [(4, n, dim)]  # one call over both branches
+    # One call over both branches; the conditional-only call is the one run outside the guidance interval.
+    assert sorted(calls) == [(2, n, dim), (4, n, dim)]
     model = nnx.merge(sampler.graphdef, sampler.params)
     one = lambda drop: np.asarray(real(model, inputs._replace(  # noqa: E731
         tokens=x, t=jnp.full((2, 1), 0.7), drop_text=jnp.full((2, 1), drop)), sampler.config.flow))
@@ -250,6 +252,22 @@ def test_guidance_applies_only_inside_its_interval(sampler, monkeypatch):
                                                 interval=jnp.asarray([lo, 1.0])))
     np.testing.assert_allclose(jitted(0.3), guided, rtol=0, atol=1e-4)
     np.testing.assert_allclose(jitted(0.8), cond, rtol=0, atol=1e-4)
+    # Where no token is inside, the unconditional branch is not run at all: one model call of 1 row, not 2.
+    ran = []
+    real = generation.predict_velocity
+
+    def counted(m, i, f):
+        rows = i.tokens.shape[0]
+        jax.debug.callback(lambda: ran.append(rows))  # fires only when the branch executes
+        return real(m, i, f)
+    monkeypatch.setattr(generation, "predict_velocity", counted)
+    fresh = lambda *a, **k: sampler._velocity(*a, **k)  # noqa: E731  (a new function: no cached trace)
+    monkeypatch.setattr(sampler, "_vel", jax.jit(fresh, static_argnames=("guidance", "image_guidance")))
+    for lo, want in ((0.8, [1]), (0.3, [2]), (0.5, [2])):
+        ran.clear()
+        jitted(lo)
+        jax.effects_barrier()
+        assert ran == want, (lo, ran)
 
 
 def test_sizes_the_factors_do_not_divide_are_rounded_by_the_documented_rule():
@@ -286,7 +304,7 @@ def test_a_separate_image_guidance_is_one_call_of_three_branches(sampler, monkey
     real = generation.predict_velocity
     monkeypatch.setattr(generation, "predict_velocity", lambda m, i, f: calls.append(i.tokens.shape) or real(m, i, f))
     guided = np.asarray(sampler._velocity(sampler.params, inputs, x, 0.6, 3.0, 2.0, clean, noise))
-    assert calls == [(3, n, dim)]
+    assert sorted(calls) == [(1, n, dim), (3, n, dim)]  # three branches in one call; the conditional one alone
     model = nnx.merge(sampler.graphdef, sampler.params)
     run = lambda tokens, drop, g: np.asarray(real(model, inputs._replace(  # noqa: E731
         tokens=tokens, t=jnp.full((1, 1), 0.6), drop_text=jnp.full((1, 1), drop), given=g), sampler.config.flow))

@@ -91,8 +91,8 @@ def sampling_settings(config) -> dict:
 
 
 def _is_procedural(config) -> bool:
-    d = config.data
-    return d.source == "procedural" or (d.source == "latents" and d.get("raw_source", "procedural") == "procedural")
+    from data_pipelines.sources import pixel_source
+    return pixel_source(config.data) == "procedural"
 
 
 def _check_sampling(config, name: str) -> dict:

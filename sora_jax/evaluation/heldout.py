@@ -12,6 +12,7 @@ import itertools
 import numpy as np
 
 from data_pipelines.procedural import ProceduralWorld, render
+from data_pipelines.sources import pixel_source
 from sora_jax.video_io import to_uint8
 
 
@@ -62,8 +63,7 @@ def resized_clips(examples, count: int, width: int, height: int, frames: int,
 def heldout_clips(config, count: int, width: int, height: int, frames: int) -> tuple[np.ndarray, list[str]]:
     """`count` real held-out clips (uint8 [count, frames, height, width, 3]) and their captions."""
     data = config.data
-    raw = data.get("raw_source", "procedural") if data.source == "latents" else data.source
-    if raw == "procedural":
+    if pixel_source(data) == "procedural":
         return procedural_clips(data, count, width, height, frames)
     from data_pipelines import pipeline
     stream = pipeline.source_dataset(config, "heldout")

@@ -63,16 +63,20 @@ def _train(config) -> None:
     from sora_jax.tasks import build_task
     from sora_jax.train.loop import pending_marker, train_and_evaluate
     task = build_task(config)  # once per run: the trainer and the after-training part share it
-    summary = train_and_evaluate(config, FLAGS.workdir, task)
+
+    def finish(summary: dict) -> dict:  # under the work dir's lock (train_and_evaluate's `then`)
+        if (summary.get("trained") or summary.get("finish")) and jax.process_index() == 0:
+            # If this part is interrupted (e.g. preempted while sampling), a rerun does it again.
+            open(pending_marker(FLAGS.workdir), "w").close()
+            summary.update(task.after_training(FLAGS.workdir))
+            with open(os.path.join(FLAGS.workdir, "results.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            os.remove(pending_marker(FLAGS.workdir))
+        return summary
+
+    summary = train_and_evaluate(config, FLAGS.workdir, task, then=finish)
     done = summary.get("trained") or summary.get("finish")
-    if done and jax.process_index() == 0:
-        # If this part is interrupted (e.g. preempted while sampling), a rerun does it again.
-        open(pending_marker(FLAGS.workdir), "w").close()
-        summary.update(task.after_training(FLAGS.workdir))
     if jax.process_index() == 0 and done:
-        with open(os.path.join(FLAGS.workdir, "results.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        os.remove(pending_marker(FLAGS.workdir))
         for key in ("val_loss_initial", "val_loss_ema", "val_loss_params", "color_accuracy", "shape_accuracy",
                     "direction_accuracy", "whole_object_share", "val_psnr_ema",
                     "val_ssim_ema", "val_psnr_image_ema", "val_ssim_image_ema"):

@@ -63,10 +63,12 @@ def evaluate(eval_fn, state: dict, batches: list[dict], frozen, mesh) -> dict:
     return out
 
 
-def train_and_evaluate(config, workdir: str, task=None) -> dict:
+def train_and_evaluate(config, workdir: str, task=None, then=None) -> dict:
     """Trains (resuming from WORKDIR if it holds a checkpoint) and returns the final summary.
 
     task: config's task (sora_jax.tasks.build_task), if the caller has built it already.
+    then: summary -> summary, run after training while the work dir's lock is still held (the after-training
+      part writes samples and results.json there, so no second trainer may start before it is done).
     Order matters for bad input: the config is validated and an existing checkpoint is checked against
     the model before anything is compiled or written.
     """
@@ -74,7 +76,8 @@ def train_and_evaluate(config, workdir: str, task=None) -> dict:
     validate(config, task)
     os.makedirs(workdir, exist_ok=True)
     with WorkdirLock(workdir):  # one trainer per work dir: a second one stops here (WorkdirLocked)
-        return _train_locked(config, task, workdir)
+        summary = _train_locked(config, task, workdir)
+        return summary if then is None else then(summary)
 
 
 def _train_locked(config, task, workdir: str) -> dict:
