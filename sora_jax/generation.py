@@ -158,8 +158,12 @@ class Sampler:
         g, g_image = (jnp.where(inside, scale, 1.0) for scale in (guidance, image_guidance))
         kept, dropped = jnp.zeros_like(inputs.drop_text), jnp.ones_like(inputs.drop_text)
         conditional = inputs._replace(drop_text=kept)
-        if guidance == 1.0 and image_guidance == 1.0:
+
+        def conditional_only(_):
             return predict_velocity(model, conditional, self.config.flow)
+        if guidance == 1.0 and image_guidance == 1.0:
+            return conditional_only(None)
+        separate = image_guidance != 1.0 and inputs.given is not None
 
         def guided(_):
             branches = [conditional, inputs._replace(drop_text=dropped)]
@@ -174,11 +178,9 @@ class Sampler:
             v_full, v_given, v_none = velocities
             return v_none + g_image * (v_given - v_none) + g * (v_full - v_given)
 
-        separate = image_guidance != 1.0 and inputs.given is not None
         # Outside the guidance interval every token's velocity is the conditional one: the extra branches are
         # not run at all there (one model call instead of two or three).
-        return jax.lax.cond(jnp.any(inside), guided, lambda _: predict_velocity(model, conditional, self.config.flow),
-                            None)
+        return jax.lax.cond(jnp.any(inside), guided, conditional_only, None)
 
     def caption_inputs(self, prompts) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(text, text_segments, text_positions), one prompt per row of config.text.max_len slots: token ids

@@ -58,6 +58,11 @@ def main(argv):
         _train(config)
 
 
+def _done(summary: dict) -> bool:
+    """Whether this run trained or finished training (a rerun of a finished work dir does neither)."""
+    return bool(summary.get("trained") or summary.get("finish"))
+
+
 def _train(config) -> None:
     """Trains, runs the task's after-training part, writes results.json and prints the summary."""
     from sora_jax.tasks import build_task
@@ -65,7 +70,7 @@ def _train(config) -> None:
     task = build_task(config)  # once per run: the trainer and the after-training part share it
 
     def finish(summary: dict) -> dict:  # under the work dir's lock (train_and_evaluate's `then`)
-        if (summary.get("trained") or summary.get("finish")) and jax.process_index() == 0:
+        if _done(summary) and jax.process_index() == 0:
             # If this part is interrupted (e.g. preempted while sampling), a rerun does it again.
             open(pending_marker(FLAGS.workdir), "w").close()
             summary.update(task.after_training(FLAGS.workdir))
@@ -75,8 +80,7 @@ def _train(config) -> None:
         return summary
 
     summary = train_and_evaluate(config, FLAGS.workdir, task, then=finish)
-    done = summary.get("trained") or summary.get("finish")
-    if jax.process_index() == 0 and done:
+    if jax.process_index() == 0 and _done(summary):
         for key in ("val_loss_initial", "val_loss_ema", "val_loss_params", "color_accuracy", "shape_accuracy",
                     "direction_accuracy", "whole_object_share", "val_psnr_ema",
                     "val_ssim_ema", "val_psnr_image_ema", "val_ssim_image_ema"):
