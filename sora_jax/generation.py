@@ -201,7 +201,7 @@ class Sampler:
     def generate(self, prompts, width: int, height: int, frames: int, steps: int = 30,
                  guidance: float = 3.0, seed: int = 0, progress: bool = True, fps: float = 0.0,
                  condition: "Condition | None" = None, solver: str = "", image_guidance: float = 1.0,
-                 first_frame: str = "") -> np.ndarray:
+                 first_frame: str = "", return_latents: bool = False):
         """Generates uint8 videos [P, frames, height, width, 3], one per prompt.
 
         fps (0: config.sample.fps) is what a metadata-conditioned model is asked for; others ignore it.
@@ -213,12 +213,18 @@ class Sampler:
         first_frame: text-to-video (no condition, frames > 1) in one pass ("joint") or image first ("image":
           the prompt's image is generated as a 1-frame sample, then animated as image-to-video with it given
           at frame 0, as Emu Video factorises text-to-video); "": config.sample.first_frame, else "joint".
+        return_latents: also return the sampled latents [P, T', H', W', C] (float32), so that a mode conditioning
+          a later generation on this one hands over what the model made, not its decode re-encoded (the
+          autoencoder's round trip, and uint8 rounding, would otherwise enter at every window).
+
+        Returns:
+          the videos, or (videos, latents) with return_latents.
         """
         solver, first_frame = self.resolve(solver, first_frame)
         if first_frame == "image" and condition is None and frames > 1:
-            images = self.generate(prompts, width, height, 1, steps, guidance, seed, progress, fps, solver=solver,
-                                   first_frame="joint")
-            condition = self.image_condition(images, frames)
+            _, images = self.generate(prompts, width, height, 1, steps, guidance, seed, progress, fps, solver=solver,
+                                      first_frame="joint", return_latents=True)
+            condition = given_at(images[:, 0], self.autoencoder.latent_shape(frames, height, width)[0])
         fps = float(fps or self.config.sample.fps)
         has_given = condition is not None and bool(np.asarray(condition.given).any())
         grid = check_request(self.config, prompts, width, height, frames, steps,
@@ -254,17 +260,15 @@ class Sampler:
                           key=stochastic_key(seed))
         latents = jnp.stack([patching.unpatchify(x[i], grid, self.patch, self.autoencoder.channels)
                              for i in range(p)])
-        return to_uint8(np.asarray(self.autoencoder.decode(latents)))
+        videos = to_uint8(np.asarray(self.autoencoder.decode(latents)))
+        return (videos, np.asarray(latents, np.float32)) if return_latents else videos
 
     def image_condition(self, images: np.ndarray, frames: int, latent_index: int = 0) -> "Condition":
         """Uint8 images [P, 1, H, W, 3] given at latent frame `latent_index` of a `frames`-frame request (the
         image-to-video condition); the other latent frames are generated."""
         first = np.stack([to_latents(self, image)[0] for image in images])  # [P, h, w, C]
-        total = self.autoencoder.latent_shape(frames, images.shape[2], images.shape[3])[0]
-        latents = np.zeros((len(first), total) + first.shape[1:], np.float32)
-        given = np.zeros((len(first), total), bool)
-        latents[:, latent_index], given[:, latent_index] = first, True
-        return Condition(latents, given)
+        return given_at(first, self.autoencoder.latent_shape(frames, images.shape[2], images.shape[3])[0],
+                        latent_index)
 
     def resolve(self, solver: str = "", first_frame: str = "") -> tuple[str, str]:
         """(solver, first_frame): the ones asked for, or config.sample's ("euler", "joint" where it has none)."""
@@ -281,6 +285,14 @@ def to_latents(sampler: Sampler, frames: np.ndarray) -> np.ndarray:
     """Latents [T', H', W', C] of uint8 frames [T, H, W, 3] (the autoencoder's normalised encoding)."""
     video = frames.astype(np.float32) / 127.5 - 1.0
     return np.asarray(sampler.autoencoder.encode(video[None])[0], np.float32)
+
+
+def given_at(frame_latents: np.ndarray, total: int, latent_index: int = 0) -> "Condition":
+    """The condition of `total` latent frames with frame_latents [P, H', W', C] given at `latent_index`."""
+    latents = np.zeros((len(frame_latents), total) + frame_latents.shape[1:], np.float32)
+    given = np.zeros((len(frame_latents), total), bool)
+    latents[:, latent_index], given[:, latent_index] = frame_latents, True
+    return Condition(latents, given)
 
 
 def stochastic_key(seed: int) -> jax.Array:

@@ -86,7 +86,16 @@ def trained_window(sampler: Sampler) -> int:
 
 
 def _generate(sampler: Sampler, prompt: str, width: int, height: int, frames: int, condition, **kw) -> np.ndarray:
-    return sampler.generate([prompt], width, height, frames, condition=condition, **kw)[0]
+    return _generate_latents(sampler, prompt, width, height, frames, condition, **kw)[0]
+
+
+def _generate_latents(sampler: Sampler, prompt: str, width: int, height: int, frames: int, condition,
+                      **kw) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 frames [T, H, W, 3], their latents [T', H', W', C]): a later window is conditioned on the latents
+    the model made, not on their decode re-encoded."""
+    videos, latents = sampler.generate([prompt], width, height, frames, condition=condition, return_latents=True,
+                                       **kw)
+    return videos[0], latents[0]
 
 
 def image_to_video(sampler: Sampler, prompt: str, image: str, width: int, height: int, frames: int,
@@ -141,19 +150,19 @@ def extend(sampler: Sampler, prompt: str, video: str, width: int, height: int, s
     seed, video_px, latents = kw.pop("seed", 0), source, src_latents
     while new > 0:
         step = min(new, window - m)  # all of it when it fits with its context
-        size, px = _extend_window(sampler, prompt, latents, m, step, direction, width, height, fps=fps, seed=seed,
-                                  **kw)
+        size, px, latents = _extend_window(sampler, prompt, latents, m, step, direction, width, height, fps=fps,
+                                           seed=seed, **kw)  # the next window's context comes from this one
         if direction == "forward":
             video_px = np.concatenate([video_px, px[pixels_before(sampler, m):]])
         else:
             video_px = np.concatenate([px[:pixels_before(sampler, size - m)], video_px])
-        latents = to_latents(sampler, px)  # the next window's context comes from this one
         new, seed = new - step, seed + 1
     return video_px
 
 
 def _extend_window(sampler, prompt, src_latents, m, new, direction, width, height, **kw):
-    """(window latent frames, its decoded pixels): m given frames of the source and `new` generated ones."""
+    """(window latent frames, its decoded pixels, its latents): m given frames of the source and `new` generated
+    ones."""
     window = m + new
     latents, given = _blank(sampler, window, width, height), np.zeros((1, window), bool)
     if direction == "forward":
@@ -161,13 +170,12 @@ def _extend_window(sampler, prompt, src_latents, m, new, direction, width, heigh
     else:
         latents[0, window - m:], given[0, window - m:] = src_latents[:m], True
     frames = pixels_before(sampler, window)
-    return window, _generate(sampler, prompt, width, height, frames, Condition(latents, given), **kw)
+    return (window,) + _generate_latents(sampler, prompt, width, height, frames, Condition(latents, given), **kw)
 
 
 def loop(sampler: Sampler, prompt: str, width: int, height: int, frames: int, **kw) -> np.ndarray:
     """A clip that plays seamlessly end to end: its first frame is given again one frame past its end."""
-    first = _generate(sampler, prompt, width, height, frames, None, **kw)
-    start = to_latents(sampler, first[:1])[0]
+    start = _generate_latents(sampler, prompt, width, height, frames, None, **kw)[1][0]
     total = latent_count(sampler, frames) + 1
     latents, given = _blank(sampler, total, width, height), np.zeros((1, total), bool)
     latents[0, 0] = latents[0, -1] = start
@@ -203,14 +211,14 @@ def long_video(sampler: Sampler, prompt: str, width: int, height: int, seconds: 
         raise ConfigError(f"the context ({context} latent frames) must be shorter than the window ({window}).")
     wanted = int(round(seconds * fps))
     seed = kw.pop("seed", 0)
-    video = _generate(sampler, prompt, width, height, pixels_before(sampler, window), None, seed=seed, fps=fps, **kw)
-    latents = to_latents(sampler, video)
+    video, latents = _generate_latents(sampler, prompt, width, height, pixels_before(sampler, window), None,
+                                       seed=seed, fps=fps, **kw)
     while video.shape[0] < wanted:
         seed += 1
-        _, px = _extend_window(sampler, prompt, latents, context, window - context, "forward", width, height,
-                               seed=seed, fps=fps, **kw)
+        # Only the newest window's latents are kept: memory does not grow on the device.
+        _, px, latents = _extend_window(sampler, prompt, latents, context, window - context, "forward", width,
+                                        height, seed=seed, fps=fps, **kw)
         video = np.concatenate([video, px[pixels_before(sampler, context):]])
-        latents = to_latents(sampler, px)  # only the newest window is kept: memory does not grow on the device
         if on_window is not None:
             on_window(video.shape[0], wanted)
     return video[:wanted]

@@ -70,25 +70,30 @@ def test_extend_keeps_the_source_and_adds_the_seconds(sampler, media_files, dire
 @pytest.mark.parametrize("direction", modes.DIRECTIONS)
 def test_extend_rolls_in_windows_each_conditioned_on_the_one_before(sampler, media_files, monkeypatch, direction):
     """An extension longer than the window rolls: 5 new frames in windows of 3 with 1 frame of context are 3
-    generations (2 + 2 + 1 new), each given the frame of the previous window that borders the new ones."""
+    generations (2 + 2 + 1 new), each given the latent frame of the previous window that borders the new ones
+    -- the latents that window sampled, not its decode re-encoded."""
     source = modes.read_media(media_files[1], 16, 16, modes.MAX_SOURCE_FRAMES, fps=8)
-    calls, real = [], modes._generate
+    calls, made, real = [], [], modes._generate_latents
 
     def record(s, prompt, width, height, frames, condition, **kw):
         given = np.asarray(condition.given[0])
         calls.append((frames, int(given.sum()), kw["seed"], np.asarray(condition.latents[0])[given]))
-        return real(s, prompt, width, height, frames, condition, **kw)
-    monkeypatch.setattr(modes, "_generate", record)
+        made.append(real(s, prompt, width, height, frames, condition, **kw))
+        return made[-1]
+    monkeypatch.setattr(modes, "_generate_latents", record)
     video = modes.extend(sampler, PROMPT, media_files[1], 16, 16, seconds=5 / 8, direction=direction, fps=8,
                          window=3, **FAST)
     n = len(source)
     assert video.shape[0] == n + 5
     np.testing.assert_array_equal(video[:n] if direction == "forward" else video[-n:], source)
     assert [c[:3] for c in calls] == [(3, 1, 0), (3, 1, 1), (2, 1, 2)]
-    # The context of windows 2 and 3: the last (forward) or first (backward) frame the window before generated.
-    borders = [n + 1, n + 3] if direction == "forward" else [3, 1]
-    for call, index in zip(calls[1:], borders):
-        np.testing.assert_allclose(call[3], modes.to_latents(sampler, video[index:index + 1]), atol=1e-6)
+    # The context of windows 2 and 3: the last (forward) or first (backward) latent frame the window before
+    # sampled, exactly; and that frame's decode is where it sits in the video.
+    border, borders = (-1, [n + 1, n + 3]) if direction == "forward" else (0, [3, 1])
+    for call, (px, latents), index in zip(calls[1:], made, borders):
+        np.testing.assert_array_equal(call[3], latents[border:][:1])
+        np.testing.assert_array_equal(video[index], px[border])
+        assert not np.array_equal(latents[border], modes.to_latents(sampler, px[border:][:1])[0])  # not re-encoded
     calls.clear()  # a window that holds it all: one generation, the whole extension's worth of context
     modes.extend(sampler, PROMPT, media_files[1], 16, 16, seconds=2 / 8, direction=direction, fps=8, window=4,
                  **FAST)
@@ -368,11 +373,14 @@ def test_image_first_text_to_video_animates_its_own_generated_image(sampler):
     """first_frame="image": the prompt's image is generated as a 1-frame sample, then given at frame 0."""
     prompts, kw = [PROMPT, "a blue square"], dict(steps=2, guidance=2.0, seed=4, progress=False, solver="euler")
     video = sampler.generate(prompts, 16, 16, 4, first_frame="image", **kw)
-    images = sampler.generate(prompts, 16, 16, 1, first_frame="joint", **kw)
-    assert video.shape == (2, 4, 16, 16, 3)
-    assert np.abs(video[:, :1].astype(int) - images).max() <= 1  # its first frame is that image
-    animated = sampler.generate(prompts, 16, 16, 4, condition=sampler.image_condition(images, 4), **kw)
-    np.testing.assert_array_equal(video, animated)  # ...animated as image-to-video
+    images, latents = sampler.generate(prompts, 16, 16, 1, first_frame="joint", return_latents=True, **kw)
+    assert video.shape == (2, 4, 16, 16, 3) and latents.shape == (2, 1, 16, 16, 3)
+    np.testing.assert_array_equal(video[:, :1], images)  # its first frame is that image
+    # ...animated as image-to-video from the image's sampled latents (not its uint8 decode re-encoded)
+    animated = sampler.generate(prompts, 16, 16, 4, condition=generation.given_at(latents[:, 0], 4), **kw)
+    np.testing.assert_array_equal(video, animated)
+    reencoded = sampler.generate(prompts, 16, 16, 4, condition=sampler.image_condition(images, 4), **kw)
+    assert not np.array_equal(video, reencoded)
     joint = sampler.generate(prompts, 16, 16, 4, first_frame="joint", **kw)
     assert np.abs(joint[:, 0].astype(int) - images[:, 0]).max() > 2
     with pytest.raises(ConfigError, match="first_frame 'first'"):
