@@ -35,6 +35,7 @@ from sora_jax.video_io import to_uint8, write_mp4  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Trained work dir.")
 flags.DEFINE_integer("clips", 16, "Held-out clips.")
+flags.DEFINE_integer("loop_clips", 8, "Prompts of the loop and long measures (each is several generations).")
 flags.DEFINE_integer("width", 48, "Width.")
 flags.DEFINE_integer("height", 32, "Height.")
 # 6 + 6: a window as long as the longest clip the demo trains on (12 frames). With 8 + 8 the model is asked for
@@ -134,7 +135,7 @@ def measure_i2v(sampler, world, fps: float) -> dict:
 
 def measure_loop_and_long(sampler, world, fps: float) -> dict:
     ratios, long_hits = [], []
-    for i in range(min(FLAGS.clips, 8)):
+    for i in range(FLAGS.loop_clips):
         p, _ = _clip(world, i, FLAGS.frames)
         clip = modes.loop(sampler, p.caption, FLAGS.width, FLAGS.height, FLAGS.frames, steps=FLAGS.steps,
                           guidance=FLAGS.guidance, progress=False, seed=i, fps=fps).astype(np.float32)
@@ -157,7 +158,8 @@ def main(argv):
         sampler.guidance_interval = check_guidance_interval(FLAGS.guidance_interval, "--guidance_interval")
     fps = float(sampler.config.sample.fps)
     world = ProceduralWorld(seed=12345, sides=(FLAGS.width,), frames=(2 * FLAGS.frames,), split="heldout")
-    summary = {"workdir": FLAGS.workdir, "clips": FLAGS.clips, "size": [FLAGS.width, FLAGS.height, FLAGS.frames],
+    summary = {"workdir": FLAGS.workdir, "clips": FLAGS.clips, "loop_clips": FLAGS.loop_clips,
+               "size": [FLAGS.width, FLAGS.height, FLAGS.frames],
                "steps": FLAGS.steps, "guidance": FLAGS.guidance, "guidance_interval": list(sampler.guidance_interval),
                "extend_window": FLAGS.extend_window or 2 * FLAGS.frames, "i2v": measure_i2v(sampler, world, fps),
                "extend": measure_extend(sampler, world, fps), **measure_loop_and_long(sampler, world, fps)}
