@@ -270,3 +270,17 @@ def test_a_full_disk_is_reported_as_such():
     assert checkpointing._failed_step(error, None) == 3
     assert checkpointing._write_cause(error) == "the disk is full (No space left on device)"
     assert not checkpointing._is_write_failure(ValueError("a bug in the caller"))
+    # The OS's reason far into a long root message (a metadata write in a deep work dir; CI, 2026-12-06), wrapped.
+    root = ValueError("OUT_OF_RANGE: Error opening \"zarr\" driver: Error writing \"opt_state.1.0.mu/.zarray\" in "
+                      f"OCDBT database at local file \"/{'deep/' * 60}5.orbax-checkpoint-tmp/state\": Failed writing "
+                      "\"d/9af1\": File too large [os_error_code='27']")
+    try:
+        try:
+            raise root
+        except ValueError as e:
+            raise Exception("orbax could not save") from e
+    except Exception as wrapped:
+        assert checkpointing._is_write_failure(wrapped)
+        cause = checkpointing._write_cause(wrapped)
+        assert cause == "the operating system refused the write: File too large (errno 27)", cause
+        assert checkpointing._failed_step(wrapped, None) == 5

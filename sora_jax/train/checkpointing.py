@@ -105,8 +105,14 @@ def _mib(n: int) -> str:
 
 
 def _error_text(error: BaseException) -> str:
-    """The error's message and its root cause's: orbax re-raises tensorstore's error with the OS cause inside."""
-    return f"{error} {_reason(error)}"
+    """Every message of the error's cause chain, whole: orbax re-raises tensorstore's error with the OS cause
+    inside, and where in it the OS's reason sits depends on which file failed (a long path can push it past
+    the 300 characters _reason keeps)."""
+    texts, e = [], error
+    while e is not None and len(texts) < 32:
+        texts.append(str(e))
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return " ".join(texts)
 
 
 def _is_write_failure(error: BaseException) -> bool:
