@@ -96,15 +96,16 @@ def _sample() -> None:
     if rounded:
         print(rounded)
     solver = FLAGS.solver or s.get("solver", "euler")
+    interval = None  # parsed and checked here, before any restore
     if FLAGS.guidance_interval is not None:
-        check_guidance_interval(FLAGS.guidance_interval, "--guidance_interval")
+        interval = check_guidance_interval(FLAGS.guidance_interval, "--guidance_interval")
     if FLAGS.size:
-        _sample_packed(config, out, steps, guidance, fps, solver)
+        _sample_packed(config, out, steps, guidance, fps, solver, interval)
         return
     check_request(config, FLAGS.prompt, width, height, frames, steps,
                   guidance_branches(guidance, FLAGS.image_guidance, FLAGS.mode in GIVEN_FRAME_MODES))
     if FLAGS.mode in ("t2v", "t2i"):
-        sampler = _restore()
+        sampler = _restore(interval)
         _, paths = sample_to_dir(sampler, FLAGS.prompt, out, width, height, frames, steps, guidance, FLAGS.seed, fps,
                                  solver, FLAGS.first_frame or "")
         print("Wrote:\n  " + "\n  ".join(paths))
@@ -114,7 +115,7 @@ def _sample() -> None:
                    video=FLAGS.video, video_end=FLAGS.video_end, strength=FLAGS.strength, direction=FLAGS.direction,
                    seconds=FLAGS.seconds, solver=solver, image_guidance=FLAGS.image_guidance)
     run_mode(None, "", request, check_only=True)  # media present, strength and lengths valid: before restoring
-    sampler = _restore()
+    sampler = _restore(interval)
     paths = []
     for i, prompt in enumerate(FLAGS.prompt):
         video = run_mode(sampler, prompt, request)
@@ -123,11 +124,11 @@ def _sample() -> None:
     print("Wrote:\n  " + "\n  ".join(paths))
 
 
-def _restore() -> Sampler:
-    """The run's sampler, with --guidance_interval (checked before) in place of the config's when given."""
+def _restore(interval: tuple[float, float] | None) -> Sampler:
+    """The run's sampler, with the checked --guidance_interval in place of the config's when given."""
     sampler = Sampler.from_workdir(FLAGS.workdir, FLAGS.use_ema)
-    if FLAGS.guidance_interval is not None:
-        sampler.guidance_interval = check_guidance_interval(FLAGS.guidance_interval, "--guidance_interval")
+    if interval is not None:
+        sampler.guidance_interval = interval
     return sampler
 
 
@@ -152,14 +153,15 @@ def _parse_sizes(config) -> list[tuple[int, int, int]]:
     return sizes * len(FLAGS.prompt) if len(sizes) == 1 else sizes
 
 
-def _sample_packed(config, out: str, steps: int, guidance: float, fps: int, solver: str) -> None:
+def _sample_packed(config, out: str, steps: int, guidance: float, fps: int, solver: str,
+                   interval: tuple[float, float] | None) -> None:
     """Every prompt at its own size, generated together in packed rows (sora_jax/packed_sampling.py)."""
     from sora_jax.packed_sampling import generate_packed
     requests = [dict(prompt=p, width=w, height=h, frames=f, seed=FLAGS.seed + i)
                 for i, (p, (w, h, f)) in enumerate(zip(FLAGS.prompt, _parse_sizes(config)))]
     for r in requests:
         check_request(config, [r["prompt"]], r["width"], r["height"], r["frames"], steps, guidance_branches(guidance))
-    sampler = _restore()
+    sampler = _restore(interval)
     videos = generate_packed(sampler, requests, steps=steps, guidance=guidance, fps=fps, solver=solver)
     paths = []
     for i, (r, video) in enumerate(zip(requests, videos)):
