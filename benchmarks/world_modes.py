@@ -45,6 +45,10 @@ flags.DEFINE_integer("extend_window", 0, "extend: latent frames per generation (
                      "one window; fewer: it rolls, as modes.extend does past the longest training clip).")
 flags.DEFINE_integer("steps", 30, "Sampling steps.")
 flags.DEFINE_float("guidance", 3.0, "Guidance.")
+flags.DEFINE_float("image_guidance", 1.0, "A separate guidance scale on the given frames (1: text guidance only; "
+                   "Sampler._velocity).")
+flags.DEFINE_string("solver", "", "Sampling solver (default: the run's config.sample.solver).")
+flags.DEFINE_list("measures", ["i2v", "extend", "loop_and_long"], "Which measures to run.")
 flags.DEFINE_list("guidance_interval", None, "lo,hi: guidance only while t is in [lo, hi] (default: the run's "
                   "config.sample.guidance_interval).")
 flags.DEFINE_string("out", "", "Where to write the JSON summary.")
@@ -61,6 +65,12 @@ def centres(video: np.ndarray) -> np.ndarray:
         ys, xs = (np.arange(n, dtype=np.float32) + 0.5 for n in mask.shape)
         out.append(((mask.sum(0) * xs).sum() / mask.sum(), (mask.sum(1) * ys).sum() / mask.sum()))
     return np.asarray(out, np.float32)
+
+
+def _sampling(seed: int) -> dict:
+    """The sampler settings of every generation the benchmark makes."""
+    return dict(steps=FLAGS.steps, guidance=FLAGS.guidance, image_guidance=FLAGS.image_guidance, solver=FLAGS.solver,
+                progress=False, seed=seed)
 
 
 def _clip(world: ProceduralWorld, index: int, frames: int):
@@ -91,8 +101,7 @@ def measure_extend(sampler, world, fps: float) -> dict:
             src = os.path.join(tmp, f"{i}.mp4")
             write_mp4(src, video[:FLAGS.frames], int(fps))
             out = modes.extend(sampler, p.caption, src, FLAGS.width, FLAGS.height, FLAGS.frames / fps, "forward",
-                               fps, window=FLAGS.extend_window or 2 * FLAGS.frames, steps=FLAGS.steps,
-                               guidance=FLAGS.guidance, progress=False, seed=i)
+                               fps, window=FLAGS.extend_window or 2 * FLAGS.frames, **_sampling(i))
             new = out[FLAGS.frames:2 * FLAGS.frames]
             phys, got = _physics(p, FLAGS.frames), centres(new)
             given_last = centres(out[FLAGS.frames - 1:FLAGS.frames])[0]
@@ -139,7 +148,7 @@ def measure_i2v(sampler, world, fps: float) -> dict:
             from PIL import Image
             Image.fromarray(video[0]).save(image)
             out = modes.image_to_video(sampler, p.caption, image, FLAGS.width, FLAGS.height, FLAGS.frames,
-                                       steps=FLAGS.steps, guidance=FLAGS.guidance, progress=False, seed=i, fps=fps)
+                                       fps=fps, **_sampling(i))
             hits.append((detect_color(out[1:]) == p.color, detectors.detect_shape(out[1:]) == p.shape))
     return {"color_kept": float(np.mean([h[0] for h in hits])), "shape_kept": float(np.mean([h[1] for h in hits]))}
 
@@ -148,18 +157,20 @@ def measure_loop_and_long(sampler, world, fps: float) -> dict:
     ratios, long_hits = [], []
     for i in range(FLAGS.loop_clips):
         p, _ = _clip(world, i, FLAGS.frames)
-        clip = modes.loop(sampler, p.caption, FLAGS.width, FLAGS.height, FLAGS.frames, steps=FLAGS.steps,
-                          guidance=FLAGS.guidance, progress=False, seed=i, fps=fps).astype(np.float32)
+        clip = modes.loop(sampler, p.caption, FLAGS.width, FLAGS.height, FLAGS.frames, fps=fps,
+                          **_sampling(i)).astype(np.float32)
         typical = np.abs(np.diff(clip, axis=0)).mean()
         ratios.append(float(np.abs(clip[0] - clip[-1]).mean() / max(typical, 1e-6)))
         window = modes.latent_count(sampler, FLAGS.frames)
         video = modes.long_video(sampler, p.caption, FLAGS.width, FLAGS.height, 4 * FLAGS.frames / 2 / fps + 1 / fps,
-                                 fps, window=window, context=window // 2, steps=FLAGS.steps, guidance=FLAGS.guidance,
-                                 progress=False, seed=i)
+                                 fps, window=window, context=window // 2, **_sampling(i))
         chunks = np.array_split(video, 4)
         long_hits.append(all(detect_color(c) == p.color and detectors.detect_shape(c) == p.shape for c in chunks))
     return {"loop_seam_over_typical_step": float(np.mean(ratios)), "long_4_windows_keep_color_and_shape":
             float(np.mean(long_hits))}
+
+
+MEASURES = {"i2v": measure_i2v, "extend": measure_extend, "loop_and_long": measure_loop_and_long}
 
 
 def main(argv):
@@ -169,11 +180,17 @@ def main(argv):
         sampler.guidance_interval = check_guidance_interval(FLAGS.guidance_interval, "--guidance_interval")
     fps = float(sampler.config.sample.fps)
     world = ProceduralWorld(seed=12345, sides=(FLAGS.width,), frames=(2 * FLAGS.frames,), split="heldout")
+    unknown = sorted(set(FLAGS.measures) - set(MEASURES))
+    if unknown:
+        raise app.UsageError(f"--measures names {unknown}; choose from {sorted(MEASURES)}.")
     summary = {"workdir": FLAGS.workdir, "clips": FLAGS.clips, "loop_clips": FLAGS.loop_clips,
-               "size": [FLAGS.width, FLAGS.height, FLAGS.frames],
-               "steps": FLAGS.steps, "guidance": FLAGS.guidance, "guidance_interval": list(sampler.guidance_interval),
-               "extend_window": FLAGS.extend_window or 2 * FLAGS.frames, "i2v": measure_i2v(sampler, world, fps),
-               "extend": measure_extend(sampler, world, fps), **measure_loop_and_long(sampler, world, fps)}
+               "size": [FLAGS.width, FLAGS.height, FLAGS.frames], "steps": FLAGS.steps, "guidance": FLAGS.guidance,
+               "image_guidance": FLAGS.image_guidance, "solver": sampler.resolve(FLAGS.solver)[0],
+               "guidance_interval": list(sampler.guidance_interval),
+               "extend_window": FLAGS.extend_window or 2 * FLAGS.frames}
+    for name in FLAGS.measures:
+        result = MEASURES[name](sampler, world, fps)
+        summary.update(result if name == "loop_and_long" else {name: result})
     print(json.dumps(summary, indent=2))
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:

@@ -6,7 +6,8 @@
   v2v         a video restyled: its latents noised to `strength` and denoised under the new prompt (SDEdit)
   extend      a video continued forward (after its end) or backward (before its start) by `seconds`
   loop        a clip whose last frame leads back into its first: generated with its first frame given again
-              one frame past its end, that extra frame dropped
+              one frame past its end, that extra frame dropped; then the frames around the seam generated
+              again between their neighbours
   transition  from the end of video A to the start of video B: A's last and B's first latent frame given
   long        `seconds` of video by rolling forward extension: each window conditioned on the last frames of
               the one before; device memory is that of one window, whatever the length
@@ -30,6 +31,7 @@ from data_pipelines import media
 from data_pipelines.sources import pixel_source
 from sora_jax.config_validation import ConfigError
 from sora_jax.generation import Condition, Sampler, to_latents
+from sora_jax.video_io import to_uint8
 
 MAX_SOURCE_FRAMES = 4096  # frames read from a source video (extend, transition); more are not decoded
 MAX_SECONDS = {"extend": 60.0, "long": 600.0}  # the longest extension / long video a request may ask for
@@ -173,15 +175,57 @@ def _extend_window(sampler, prompt, src_latents, m, new, direction, width, heigh
     return (window,) + _generate_latents(sampler, prompt, width, height, frames, Condition(latents, given), **kw)
 
 
-def loop(sampler: Sampler, prompt: str, width: int, height: int, frames: int, **kw) -> np.ndarray:
-    """A clip that plays seamlessly end to end: its first frame is given again one frame past its end."""
-    start = _generate_latents(sampler, prompt, width, height, frames, None, **kw)[1][0]
-    total = latent_count(sampler, frames) + 1
-    latents, given = _blank(sampler, total, width, height), np.zeros((1, total), bool)
+def loop(sampler: Sampler, prompt: str, width: int, height: int, frames: int, seam_frames: int = 4,
+         **kw) -> np.ndarray:
+    """A clip that plays seamlessly end to end.
+
+    Two passes. First the clip is generated with its first frame given again one frame past its end. That
+    alone leaves a jump at the seam (the last frame -> the first: 1.64x the typical frame step on the demo
+    model), since the model interpolates towards a frame it has already passed. Then the `seam_frames` latent
+    frames around the seam are generated again as a transition between their neighbours on either side
+    (the first_last task training mixes), so every step across the seam is one the model made between two
+    frames it was shown (0.69x; BUILD_NOTES, "loop seam"). seam_frames=0 skips the second pass.
+
+    With a causal autoencoder (temporal stride > 1) latent frame 0 stands for one pixel frame and the others
+    for `stride` each, so only frames at the end are regenerated there (frame 0 is kept); with stride 1 the
+    seam is centred (half at the end, half at the start).
+    """
+    start = _generate_latents(sampler, prompt, width, height, 1, None, **kw)[1][0]
+    n = latent_count(sampler, frames)
+    latents, given = _blank(sampler, n + 1, width, height), np.zeros((1, n + 1), bool)
     latents[0, 0] = latents[0, -1] = start
     given[0, 0] = given[0, -1] = True
-    clip = _generate(sampler, prompt, width, height, pixels_before(sampler, total), Condition(latents, given), **kw)
-    return clip[:pixels_before(sampler, total - 1)]
+    clip, sampled = _generate_latents(sampler, prompt, width, height, pixels_before(sampler, n + 1),
+                                      Condition(latents, given), **kw)
+    k = min(seam_frames, n - 2)
+    if k <= 0:
+        return clip[:pixels_before(sampler, n)]
+    closed = close_seam(sampler, prompt, sampled[:n], k, width, height, **kw)
+    return to_uint8(np.asarray(sampler.autoencoder.decode(closed[None]))[0])
+
+
+def close_seam(sampler: Sampler, prompt: str, latents: np.ndarray, k: int, width: int, height: int,
+               keep_first: bool | None = None, **kw) -> np.ndarray:
+    """A loop's latents [n, ...] with the k frames around its seam (frame n - 1 -> frame 0) generated again,
+    given the frame before them and the frame after them (k <= n - 2, so those two are different frames).
+
+    keep_first: regenerate the last k frames only (None: when the autoencoder is causal, stride > 1); else
+    k // 2 at the end and the rest at the start.
+    """
+    n = latents.shape[0]
+    if keep_first is None:
+        keep_first = _temporal_stride(sampler) > 1
+    end = k if keep_first else k // 2  # regenerated at the end; k - end at the start
+    window = np.concatenate([latents[n - end - 1:n - end], latents[n - end:], latents[:k - end + 1]])[None]
+    given = np.zeros((1, k + 2), bool)
+    given[0, 0] = given[0, -1] = True
+    kw = dict(kw, seed=kw.get("seed", 0) + 1)  # fresh noise for the second pass
+    _, new = _generate_latents(sampler, prompt, width, height, pixels_before(sampler, k + 2),
+                               Condition(window, given), **kw)
+    out = latents.copy()
+    out[n - end:] = new[1:1 + end]
+    out[:k - end] = new[1 + end:1 + k]
+    return out
 
 
 def transition(sampler: Sampler, prompt: str, video: str, video_end: str, width: int, height: int, frames: int,

@@ -132,6 +132,31 @@ def test_loop_transition_and_long_videos(sampler, media_files, capsys):
     assert video.shape == (16, 16, 16, 3) and len(windows) >= 5  # 4 frames, then 2 new per window
 
 
+@pytest.mark.parametrize("keep_first", [False, True])
+def test_loop_seam_is_generated_again_between_its_neighbours(sampler, monkeypatch, keep_first):
+    """close_seam regenerates the k frames around the seam (n - 1 -> 0) as a transition between the frames on
+    either side: the rest come back bit for bit, the window given to the model is [before, k new, after]."""
+    n, k = 6, 4
+    latents = np.random.default_rng(1).uniform(-1, 1, size=(n, 16, 16, 3)).astype(np.float32)  # identity AE
+    seen = []
+    generate = sampler.generate
+
+    def spy(*args, condition=None, **kw):
+        seen.append(condition)
+        return generate(*args, condition=condition, **kw)
+    monkeypatch.setattr(sampler, "generate", spy)
+    out = modes.close_seam(sampler, PROMPT, latents, k, 16, 16, keep_first=keep_first, **FAST)
+    end = k if keep_first else k // 2  # keep_first: what a causal VAE's loop does
+    regenerated = [i for i in range(n) if i >= n - end or i < k - end]
+    kept = [i for i in range(n) if i not in regenerated]
+    np.testing.assert_array_equal(out[kept], latents[kept])
+    assert all(not np.allclose(out[i], latents[i]) for i in regenerated)
+    (condition,) = seen
+    np.testing.assert_array_equal(condition.given[0], [True] + [False] * k + [True])
+    np.testing.assert_array_equal(condition.latents[0, 0], latents[n - end - 1])  # the frame before the seam's
+    np.testing.assert_array_equal(condition.latents[0, -1], latents[k - end])  # the frame after them
+
+
 def test_bad_requests_are_refused_before_restoring(media_files, tmp_path):
     image, clip, _, junk = media_files
     base = dict(mode="i2v", width=16, height=16, frames=4, fps=8, steps=2, guidance=1.0, seed=0, image=None,
