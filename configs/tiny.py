@@ -11,7 +11,8 @@ from configs.common import base_config, shrink_dit_for_smoke
 def get_config(arg: str | None = None):
     """arg: None for the default run, "smoke" for a few-step test configuration."""
     c = base_config()
-    # 32-54 minutes on a 2-core CPU (1.3-2.2 steps/s, measured on different days). Objects come out whole from
+    # 44-54 minutes on a 2-core CPU (43.5 min at 1.67 steps/s with one XLA:CPU device per core, as
+    # launch/quickstart.sh sets, 2026-12-07; 54 min on one device). Objects come out whole from
     # ~1,400 steps, but the shape word is learned only later, in a jump: held-out shape 0.50 (chance: all circles)
     # at 1,400 steps, 0.64 at 2,000, 0.82 at 2,400, 0.89 at 2,800, 1.00 at 3,800 and 4,200, and image-to-video
     # keeps the given shape in 50 / 89 / 86 / 94 / 100 / 100% (BUILD_NOTES, "shape is a matter of steps").
