@@ -270,10 +270,14 @@ def test_a_full_disk_is_reported_as_such():
     assert checkpointing._failed_step(error, None) == 3
     assert checkpointing._write_cause(error) == "the disk is full (No space left on device)"
     assert not checkpointing._is_write_failure(ValueError("a bug in the caller"))
-    # The OS's reason far into a long root message (a metadata write in a deep work dir; CI, 2026-12-06), wrapped.
-    root = ValueError("OUT_OF_RANGE: Error opening \"zarr\" driver: Error writing \"opt_state.1.0.mu/.zarray\" in "
-                      f"OCDBT database at local file \"/{'deep/' * 60}5.orbax-checkpoint-tmp/state\": Failed writing "
-                      "\"d/9af1\": File too large [os_error_code='27']")
+    # The OS's reason far into a long root message (a metadata write in a deep work dir), with the spec between
+    # the reason and its code: tensorstore's words on a failed open (reproduced with an RLIMIT_FSIZE, 2026-12-07).
+    spec = ("[tensorstore_spec='{\\\"create\\\":true,\\\"driver\\\":\\\"zarr\\\",\\\"metadata\\\":"
+            "{\\\"chunks\\\":[10]},\\\"transform\\\":{\\\"input_exclusive_max\\\":[[10]]}}']")
+    root = ValueError("OUT_OF_RANGE: Error opening \"zarr\" driver: Error writing \"ema.t_mod.kernel/.zarray\" in "
+                      f"OCDBT database at local file \"/{'deep/' * 60}5.orbax-checkpoint-tmp/state\": Failed writing: "
+                      f"\"d/9af1.__lock\": Failed to write 399117 bytes to file 4: File too large {spec} "
+                      "[os_error_code='27']")
     try:
         try:
             raise root
@@ -284,3 +288,7 @@ def test_a_full_disk_is_reported_as_such():
         cause = checkpointing._write_cause(wrapped)
         assert cause == "the operating system refused the write: File too large (errno 27)", cause
         assert checkpointing._failed_step(wrapped, None) == 5
+    # No code tag at all: the OS's words alone name it.
+    denied = ValueError("PERMISSION_DENIED: Failed writing: \"/w/checkpoints/7.orbax-checkpoint-tmp/x\": "
+                        "Permission denied")
+    assert checkpointing._write_cause(denied) == "the operating system refused the write: Permission denied (errno 13)"

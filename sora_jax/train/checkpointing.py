@@ -115,11 +115,15 @@ def _error_text(error: BaseException) -> str:
     return " ".join(texts)
 
 
+# The OS errors that make a save fail for want of space or permission.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS)
+
+
 def _is_write_failure(error: BaseException) -> bool:
     """Whether a save failed for want of space or permission (an OS error), not a bug in the caller."""
     e: BaseException | None = error
     while e is not None:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS):
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
             return True
         e = e.__cause__ or e.__context__
     return any(k in _error_text(error) for k in ("os_error_code", "No space left", "Disk quota", "File too large",
@@ -127,12 +131,18 @@ def _is_write_failure(error: BaseException) -> bool:
 
 
 def _write_cause(error: BaseException) -> str:
-    """The OS's reason in a few words (tensorstore's "...: No space left on device [os_error_code='28']")."""
+    """The OS's reason in a few words (tensorstore's "...: No space left on device [os_error_code='28']").
+
+    The code is found by its tag and the reason by the OS's own words for that code: tensorstore may put payloads
+    between the two (on a failed open, a "[tensorstore_spec='...']" of the whole spec; CI, 2026-12-07)."""
     text = _error_text(error)
-    found = re.search(r": ([A-Za-z][^:\[\]\"]*?) \[os_error_code='(\d+)'\]", text)
-    code, reason = (int(found.group(2)), found.group(1)) if found else (None, _reason(error))
+    tagged = re.search(r"\[os_error_code='?(\d+)'?\]", text)
+    codes = [int(tagged.group(1))] if tagged else list(_WRITE_ERRNOS)
+    named = [c for c in codes if os.strerror(c) in text]
+    code = named[0] if named else (codes[0] if tagged else None)
     if code == errno.ENOSPC or "No space left" in text:
         return "the disk is full (No space left on device)"
+    reason = os.strerror(code) if named else _reason(error)
     return f"the operating system refused the write: {reason}" + (f" (errno {code})" if code else "")
 
 
